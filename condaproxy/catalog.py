@@ -1,0 +1,305 @@
+"""The unit catalog: SQLite (WAL) rows saying which units are complete in the blob store.
+
+A row exists only for a unit whose blob is durably stored; the `pending` table records a
+blob being put so that a crash between "blob written" and "row committed" is swept at the
+next start. Package digests learned from repodata and shards live in `digests`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from cachetools import LRUCache
+
+from condaproxy.errors import CatalogBusy
+from condaproxy.paths import Kind, UnitKey
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS units (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    upstream_url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    blob_key TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    headers TEXT NOT NULL,
+    etag TEXT,
+    last_modified TEXT,
+    fetched_at REAL NOT NULL,
+    validated_at REAL NOT NULL,
+    accessed_at REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (channel, subdir, filename)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS units_blob ON units (blob_key);
+CREATE TABLE IF NOT EXISTS digests (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER,
+    PRIMARY KEY (channel, subdir, filename)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (
+    blob_key TEXT PRIMARY KEY,
+    since REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+COMPLETE = "complete"
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A catalog row: a complete unit and what is needed to serve and revalidate it."""
+
+    key: UnitKey
+    upstream_url: str
+    blob_key: str
+    sha256: str
+    size: int
+    headers: dict[str, str] = field(hash=False)
+    etag: str | None
+    last_modified: str | None
+    fetched_at: float
+    validated_at: float
+    state: str = COMPLETE
+
+
+def _unit(row: sqlite3.Row) -> Unit:
+    return Unit(
+        key=UnitKey(row["channel"], row["subdir"], row["filename"], Kind(row["kind"])),
+        upstream_url=row["upstream_url"],
+        blob_key=row["blob_key"],
+        sha256=row["sha256"],
+        size=row["size"],
+        headers=json.loads(row["headers"]),
+        etag=row["etag"],
+        last_modified=row["last_modified"],
+        fetched_at=row["fetched_at"],
+        validated_at=row["validated_at"],
+        state=row["state"],
+    )
+
+
+def connect_sync(path: Path) -> sqlite3.Connection:
+    """A plain sqlite3 connection for work done in executor threads (digest learning)."""
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+class Catalog:
+    """Async access to the catalog; the only writer of unit rows."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        # Hot look-ups: rows only change through this object, so the cache stays coherent.
+        self._rows: LRUCache[UnitKey, Unit] = LRUCache(maxsize=50_000)
+        self._touched: dict[UnitKey, tuple[float, int]] = {}
+
+    @classmethod
+    async def open(cls, path: Path) -> Catalog:
+        """Open (creating or migrating) the catalog at path."""
+        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+            version = row[0] if row else 0
+        if version > SCHEMA_VERSION:
+            await db.close()
+            raise RuntimeError(f"{path}: catalog schema {version} is newer than this condaproxy")
+        await db.executescript(_SCHEMA)
+        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        await db.commit()
+        return cls(db, path)
+
+    async def close(self) -> None:
+        """Flush access statistics and close; safe to call twice."""
+        if self._db is None:
+            return
+        try:
+            await self.flush_touches()
+        finally:
+            db, self._db = self._db, None  # type: ignore[assignment]
+            await db.close()
+
+    async def _execute(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            async with self._db.execute(sql, tuple(params)) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise CatalogBusy(str(exc)) from exc
+            raise
+
+    async def get(self, key: UnitKey) -> Unit | None:
+        """The complete unit for key, or None."""
+        unit = self._rows.get(key)
+        if unit is not None:
+            return unit
+        rows = await self._execute(
+            "SELECT * FROM units WHERE channel=? AND subdir=? AND filename=? AND state=?",
+            (key.channel, key.subdir, key.filename, COMPLETE),
+        )
+        if not rows:
+            return None
+        unit = _unit(rows[0])
+        self._rows[key] = unit
+        return unit
+
+    async def begin_put(self, blob_key: str) -> None:
+        """Record the intent to put a blob, before it is written into the store."""
+        await self._execute(
+            "INSERT OR REPLACE INTO pending (blob_key, since) VALUES (?, ?)", (blob_key, time.time())
+        )
+        await self._db.commit()
+
+    async def complete(self, unit: Unit) -> str | None:
+        """Make unit visible; returns a replaced blob key that no row references any more."""
+        k = unit.key
+        try:
+            old = await self._execute(
+                "SELECT blob_key FROM units WHERE channel=? AND subdir=? AND filename=?",
+                (k.channel, k.subdir, k.filename),
+            )
+            await self._execute(
+                """INSERT OR REPLACE INTO units (channel, subdir, filename, kind, upstream_url,
+                   state, blob_key, sha256, size, headers, etag, last_modified, fetched_at,
+                   validated_at, accessed_at, hits)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                           COALESCE((SELECT hits FROM units
+                                     WHERE channel=? AND subdir=? AND filename=?), 0))""",
+                (
+                    k.channel,
+                    k.subdir,
+                    k.filename,
+                    k.kind.value,
+                    unit.upstream_url,
+                    unit.state,
+                    unit.blob_key,
+                    unit.sha256,
+                    unit.size,
+                    json.dumps(unit.headers),
+                    unit.etag,
+                    unit.last_modified,
+                    unit.fetched_at,
+                    unit.validated_at,
+                    time.time(),
+                    k.channel,
+                    k.subdir,
+                    k.filename,
+                ),
+            )
+            await self._execute("DELETE FROM pending WHERE blob_key=?", (unit.blob_key,))
+            orphan = None
+            if old and old[0]["blob_key"] != unit.blob_key:
+                orphan = old[0]["blob_key"]
+                if await self._execute("SELECT 1 FROM units WHERE blob_key=? LIMIT 1", (orphan,)):
+                    orphan = None
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()
+            raise
+        self._rows[k] = unit
+        return orphan
+
+    async def abandon_put(self, blob_key: str) -> bool:
+        """Forget a pending put; True when no row uses the blob, so it may be deleted."""
+        await self._execute("DELETE FROM pending WHERE blob_key=?", (blob_key,))
+        await self._db.commit()
+        return not await self._execute("SELECT 1 FROM units WHERE blob_key=? LIMIT 1", (blob_key,))
+
+    async def revalidated(self, unit: Unit, headers: dict[str, str], now: float) -> Unit:
+        """Upstream said 304: the cached unit is fresh again, with any refreshed validators."""
+        merged = {**unit.headers, **headers}
+        fresh = Unit(
+            unit.key,
+            unit.upstream_url,
+            unit.blob_key,
+            unit.sha256,
+            unit.size,
+            merged,
+            headers.get("ETag", unit.etag),
+            headers.get("Last-Modified", unit.last_modified),
+            unit.fetched_at,
+            now,
+            unit.state,
+        )
+        k = unit.key
+        await self._execute(
+            """UPDATE units SET validated_at=?, headers=?, etag=?, last_modified=?
+               WHERE channel=? AND subdir=? AND filename=?""",
+            (now, json.dumps(merged), fresh.etag, fresh.last_modified, k.channel, k.subdir, k.filename),
+        )
+        await self._db.commit()
+        self._rows[k] = fresh
+        return fresh
+
+    async def remove(self, key: UnitKey) -> str | None:
+        """Drop a unit's row; returns its blob key when no other row references it."""
+        self._rows.pop(key, None)
+        rows = await self._execute(
+            "DELETE FROM units WHERE channel=? AND subdir=? AND filename=? RETURNING blob_key",
+            (key.channel, key.subdir, key.filename),
+        )
+        await self._db.commit()
+        if not rows:
+            return None
+        blob = str(rows[0]["blob_key"])
+        used = await self._execute("SELECT 1 FROM units WHERE blob_key=? LIMIT 1", (blob,))
+        return None if used else blob
+
+    def touch(self, key: UnitKey, now: float) -> None:
+        """Count a hit; written in batches by flush_touches, not per request."""
+        _, hits = self._touched.get(key, (now, 0))
+        self._touched[key] = (now, hits + 1)
+
+    async def flush_touches(self) -> None:
+        """Write buffered access times and hit counts."""
+        if not self._touched:
+            return
+        batch, self._touched = self._touched, {}
+        await self._db.executemany(
+            "UPDATE units SET accessed_at=?, hits=hits+? WHERE channel=? AND subdir=? AND filename=?",
+            [(t, n, k.channel, k.subdir, k.filename) for k, (t, n) in batch.items()],
+        )
+        await self._db.commit()
+
+    async def expected(self, channel: str, subdir: str, filename: str) -> tuple[str, int | None] | None:
+        """The sha256 and size the channel's own metadata gives for a package, if learned."""
+        rows = await self._execute(
+            "SELECT sha256, size FROM digests WHERE channel=? AND subdir=? AND filename=?",
+            (channel, subdir, filename),
+        )
+        return (rows[0]["sha256"], rows[0]["size"]) if rows else None
+
+    async def pending_orphans(self) -> list[str]:
+        """Blobs whose put never committed (crash mid-persist) and that no row uses; clears them."""
+        rows = await self._execute(
+            "SELECT blob_key FROM pending WHERE blob_key NOT IN (SELECT blob_key FROM units)"
+        )
+        await self._execute("DELETE FROM pending")
+        await self._db.commit()
+        return [r["blob_key"] for r in rows]
+
+    async def all_units(self) -> list[Unit]:
+        """Every complete unit (for verification and tests)."""
+        return [_unit(r) for r in await self._execute("SELECT * FROM units")]

@@ -1,0 +1,90 @@
+"""Where a package's expected sha256/size comes from: the channel's own metadata, never a client.
+
+Digests are learned as repodata and shards pass through the proxy. A package asked for without
+its metadata (a lockfile install) is looked up on demand: the subdir's shard index and the one
+shard naming the package, else repodata.json(.zst) - fetched through the proxy, so cached too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from condaproxy import repodata
+from condaproxy.catalog import Catalog, Unit
+from condaproxy.config import ChannelConfig
+from condaproxy.fetch import Fetcher
+from condaproxy.paths import SHARD_INDEX_NAME, Kind, UnitKey
+from condaproxy.store import BlobStore
+
+log = logging.getLogger(__name__)
+
+Expected = tuple[str, int | None]
+
+
+class DigestResolver:
+    """Answers "what sha256 and size does the channel say this package has?"."""
+
+    def __init__(self, catalog: Catalog, store: BlobStore, fetcher: Fetcher, temp_dir: Path) -> None:
+        self._catalog = catalog
+        self._store = store
+        self._fetcher = fetcher
+        self._temp_dir = temp_dir
+
+    async def __call__(self, key: UnitKey, channel: ChannelConfig) -> Expected | None:
+        """The expected digest of a package, learning it from channel metadata if need be."""
+        known = await self._catalog.expected(key.channel, key.subdir, key.filename)
+        if known is not None:
+            return known
+        found_index = await self._from_shards(key, channel)
+        if found_index:
+            return await self._catalog.expected(key.channel, key.subdir, key.filename)
+        for name in ("repodata.json.zst", "repodata.json"):
+            unit = await self._fetcher.ensure(UnitKey(key.channel, key.subdir, name, Kind.REPODATA), channel)
+            if unit is not None:
+                break
+        return await self._catalog.expected(key.channel, key.subdir, key.filename)
+
+    async def _from_shards(self, key: UnitKey, channel: ChannelConfig) -> bool:
+        """Fetch the shard that lists the package; False when the subdir has no shard index."""
+        index_key = UnitKey(key.channel, key.subdir, SHARD_INDEX_NAME, Kind.SHARD_INDEX)
+        index = await self._fetcher.ensure(index_key, channel)
+        if index is None:
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            async with self.blob_file(index) as path:
+                base, shards = await loop.run_in_executor(None, repodata.read_shard_index, path)
+        except Exception as exc:
+            log.warning("unreadable shard index %s: %s", index_key, exc)
+            return False
+        digest = shards.get(repodata.package_name(key.filename))
+        if digest is None:
+            return True  # the channel does not list this package
+        if base.rstrip("/") not in ("./shards", "shards"):
+            return False  # absolute shard locations: fall back to repodata
+        shard_key = UnitKey(key.channel, key.subdir, f"shards/{digest}.msgpack.zst", Kind.SHARD)
+        await self._fetcher.ensure(shard_key, channel)
+        return True
+
+    @asynccontextmanager
+    async def blob_file(self, unit: Unit) -> AsyncIterator[Path]:
+        """A local file with the unit's bytes (the blob itself, or a temporary copy)."""
+        local = self._store.local_path(unit.blob_key)
+        if local is not None:
+            yield local
+            return
+        loop = asyncio.get_running_loop()
+        fd, name = await loop.run_in_executor(None, lambda: tempfile.mkstemp(dir=self._temp_dir))
+        try:
+            async for chunk in self._store.read(unit.blob_key, 0, unit.size):
+                await loop.run_in_executor(None, os.write, fd, chunk)
+            yield Path(name)
+        finally:
+            os.close(fd)
+            os.unlink(name)

@@ -1,0 +1,75 @@
+"""The project's exceptions; foreign errors are translated into these at the boundary."""
+
+from __future__ import annotations
+
+
+class CondaproxyError(Exception):
+    """Base class of every error condaproxy raises on purpose."""
+
+
+class ConfigError(CondaproxyError):
+    """A configuration file, section, key or value is wrong."""
+
+    def __init__(self, file: str, section: str | None, key: str | None, message: str) -> None:
+        self.file = file
+        self.section = section
+        self.key = key
+        self.message = message
+        where = file
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class UpstreamError(CondaproxyError):
+    """The upstream could not give us the unit; carries the status to answer with."""
+
+    status = 502
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Connection refused, reset, DNS failure or 5xx from the upstream."""
+
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer (or stalled) within the configured timeout."""
+
+    status = 504
+
+
+class UpstreamNotFound(UpstreamError):
+    """The upstream answered 404 (or 410)."""
+
+    status = 404
+
+
+class UpstreamRefused(UpstreamError):
+    """The upstream answered another 4xx (401, 403, ...): passed on as it is."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class IntegrityError(CondaproxyError):
+    """Downloaded bytes do not match the channel's own metadata (size or sha256)."""
+
+    status = 502
+
+
+class TruncatedError(UpstreamUnavailable):
+    """The upstream body ended before its declared length, or broke midway."""
+
+
+class CatalogBusy(CondaproxyError):
+    """SQLite stayed locked beyond its timeout."""
+
+    status = 503

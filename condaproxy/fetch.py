@@ -1,0 +1,247 @@
+"""The download task: upstream -> temp file + sha256 as bytes arrive -> verify -> persist.
+
+One task per unit, started through the lock table and owned by it, never by a request. The
+task publishes progress to the Download that every response streams from, holds back the
+final byte until the body is verified, and only then lets readers end cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from cachetools import TTLCache
+
+from condaproxy import repodata
+from condaproxy.catalog import Catalog, Unit
+from condaproxy.config import ChannelConfig, Config
+from condaproxy.errors import (
+    CondaproxyError,
+    IntegrityError,
+    TruncatedError,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from condaproxy.freshness import Verdict, verdict
+from condaproxy.inflight import Download, Head, InflightTable
+from condaproxy.metrics import Metrics
+from condaproxy.paths import Kind, UnitKey
+from condaproxy.persist import PersistQueue
+from condaproxy.upstream import Upstream, Validators, passthrough_headers
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+INTEGRITY_COOLDOWN = 60.0
+ExpectedLookup = Callable[[UnitKey, ChannelConfig], Awaitable[tuple[str, int | None] | None]]
+
+
+def _write_and_hash(fd: int, chunk: bytes, hasher: hashlib._Hash) -> None:
+    # One executor hop per chunk: both the write and the hash release the GIL.
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
+    hasher.update(chunk)
+
+
+def upstream_url(channel: ChannelConfig, key: UnitKey) -> str:
+    """The upstream URL of a unit: the channel's base URL plus the unit's path."""
+    return f"{channel.url}/{key.path}"
+
+
+class Fetcher:
+    """Starts and runs downloads; the only code that talks to upstreams for units."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        catalog: Catalog,
+        upstream: Upstream,
+        persist: PersistQueue,
+        inflight: InflightTable,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.upstream = upstream
+        self.persist = persist
+        self.inflight = inflight
+        self.metrics = metrics
+        self.expected: ExpectedLookup | None = None  # set by the app (digests.DigestResolver)
+        # Upstream 404s are remembered briefly, never for long (the file may appear soon).
+        self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
+            maxsize=65536, ttl=max(config.cache.negative_ttl, 0.001)
+        )
+        # A URL that served bytes not matching the channel's metadata is not retried at once.
+        self.cooldown: TTLCache[UnitKey, IntegrityError] = TTLCache(maxsize=4096, ttl=INTEGRITY_COOLDOWN)
+
+    def start(self, key: UnitKey, channel: ChannelConfig, cached: Unit | None) -> Download:
+        """Start the one download of key (the caller checked none is in flight)."""
+        if (err := self.not_found.get(key)) is not None and cached is None:
+            raise err
+        if (bad := self.cooldown.get(key)) is not None:
+            raise bad
+        self.metrics.upstream_fetches.labels(key.kind.value).inc()
+        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached))
+
+    async def ensure(self, key: UnitKey, channel: ChannelConfig) -> Unit | None:
+        """The unit, complete in the store and fresh, fetching it if need be; None if unavailable."""
+        unit = await self.catalog.get(key)
+        if verdict(unit, time.time(), self.config) is Verdict.HIT:
+            return unit
+        dl = self.inflight.get(key)
+        if dl is None:
+            try:
+                dl = self.start(key, channel, unit)
+            except UpstreamError:
+                return unit
+        assert dl.task is not None
+        # Shielded: a caller giving up must not cancel a download others may share.
+        await asyncio.shield(dl.task)
+        return await self.catalog.get(key)
+
+    async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> None:
+        key = dl.key
+        url = upstream_url(channel, key)
+        validators = Validators(cached.etag, cached.last_modified) if cached else None
+        try:
+            resp = await self.upstream.open(url, channel, validators)
+        except UpstreamError as exc:
+            self._failed(dl, exc)
+            return
+        try:
+            if resp.status == 304 and cached is not None:
+                headers = passthrough_headers(resp.headers)
+                await self.catalog.revalidated(cached, headers, time.time())
+                dl.not_modified()
+                return
+            if resp.status == 304:
+                self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
+                return
+            await self._stream(dl, resp, channel, url)
+        finally:
+            resp.release()
+
+    def _failed(self, dl: Download, exc: CondaproxyError) -> None:
+        if isinstance(exc, UpstreamNotFound):
+            self.not_found[dl.key] = exc
+        elif isinstance(exc, IntegrityError):
+            self.cooldown[dl.key] = exc
+            self.metrics.integrity_failures.inc()
+        self.metrics.upstream_failures.labels(type(exc).__name__).inc()
+        log.warning("fetch of %s failed: %s", dl.key, exc)
+        dl.fail(exc)
+
+    async def _stream(
+        self, dl: Download, resp: aiohttp.ClientResponse, channel: ChannelConfig, url: str
+    ) -> None:
+        key = dl.key
+        length = resp.content_length
+        headers = passthrough_headers(resp.headers)
+        lookup = None
+        if key.kind is Kind.PACKAGE and self.expected is not None:
+            # Learn the channel's digest while the body streams, so it is known by the end.
+            lookup = asyncio.ensure_future(self.expected(key, channel))
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(
+            None, os.open, dl.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+        )
+        hasher = hashlib.sha256()
+        written = 0
+        try:
+            dl.start_body(Head(headers, length))
+            # Hold back the last byte until verified: a mismatch must never look like a whole body.
+            cap = length - 1 if length else None
+            try:
+                async for chunk in resp.content.iter_chunked(READ_SIZE):
+                    await loop.run_in_executor(None, _write_and_hash, fd, chunk, hasher)
+                    written += len(chunk)
+                    self.metrics.bytes_upstream.inc(len(chunk))
+                    dl.publish(written, chunk, written if cap is None else min(written, cap))
+            except TimeoutError as exc:
+                raise UpstreamTimeout("upstream stalled mid-body") from exc
+            except aiohttp.ClientPayloadError as exc:
+                raise TruncatedError(f"upstream body broken: {type(exc.__cause__ or exc).__name__}") from exc
+            except aiohttp.ClientError as exc:
+                raise TruncatedError(f"upstream connection lost: {type(exc).__name__}") from exc
+            if length is not None and written != length:
+                raise TruncatedError(f"upstream sent {written} of {length} bytes")
+            sha = hasher.hexdigest()
+            verified = await self._verify(key, sha, written, lookup)
+        except CondaproxyError as exc:
+            self._failed(dl, exc)
+            return
+        finally:
+            if lookup is not None and not lookup.done():
+                lookup.cancel()
+            await loop.run_in_executor(None, os.close, fd)
+        dl.finish(written, sha)
+        if not verified:
+            return
+        now = time.time()
+        unit = Unit(
+            key,
+            url,
+            sha,
+            sha,
+            written,
+            headers,
+            headers.get("ETag"),
+            headers.get("Last-Modified"),
+            now,
+            now,
+        )
+        try:
+            await self.persist.persist(unit, dl.temp_path)
+        except Exception:
+            return  # counted and logged by the persist queue; the client already has its bytes
+        if key.kind in (Kind.REPODATA, Kind.SHARD):
+            await self._learn(key, dl.temp_path)
+
+    async def _verify(
+        self,
+        key: UnitKey,
+        sha: str,
+        size: int,
+        lookup: asyncio.Future[tuple[str, int | None] | None] | None,
+    ) -> bool:
+        """Raise IntegrityError on a mismatch; False when there is nothing to verify against."""
+        if key.kind is Kind.SHARD:
+            want = key.filename.removeprefix("shards/").removesuffix(".msgpack.zst")
+            if sha != want:
+                raise IntegrityError(f"shard content hashes to {sha[:12]}…, not its name")
+            return True
+        if key.kind is not Kind.PACKAGE:
+            return True
+        expected = await lookup if lookup is not None else None
+        if expected is None:
+            # Served as upstream sent it, but never cached: nothing vouches for these bytes.
+            self.metrics.unverified.inc()
+            log.warning("%s: no sha256 in the channel's metadata; served, not cached", key)
+            return False
+        want_sha, want_size = expected
+        if sha != want_sha or (want_size is not None and size != want_size):
+            raise IntegrityError(
+                f"{key}: got sha256 {sha[:12]}… size {size}, channel says {want_sha[:12]}… size {want_size}"
+            )
+        return True
+
+    async def _learn(self, key: UnitKey, path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            count = await loop.run_in_executor(
+                None, repodata.learn, self.catalog.path, key.channel, key.subdir, key.filename, path
+            )
+        except Exception as exc:  # a malformed file must not take the proxy down
+            log.warning("could not learn digests from %s: %s", key, exc)
+            return
+        log.debug("learned %d digests from %s", count, key)

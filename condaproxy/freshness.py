@@ -1,0 +1,47 @@
+"""Pure freshness decisions: serve from the store, revalidate, or fetch (RFC 9111 in miniature)."""
+
+from __future__ import annotations
+
+import enum
+
+from condaproxy.catalog import Unit
+from condaproxy.config import Config
+from condaproxy.paths import Kind
+
+
+class Verdict(enum.Enum):
+    """What to do with a request, given what the catalog holds."""
+
+    HIT = "hit"  # complete and fresh: serve from the store
+    REVALIDATE = "revalidate"  # complete but past its TTL: conditional request upstream
+    FETCH = "fetch"  # nothing usable cached
+
+
+def ttl(kind: Kind, config: Config) -> int | None:
+    """Seconds a stored unit stays fresh; None for immutable units (forever)."""
+    return None if kind.immutable else config.cache.repodata_ttl
+
+
+def verdict(unit: Unit | None, now: float, config: Config) -> Verdict:
+    """Decide from the catalog row alone."""
+    if unit is None:
+        return Verdict.FETCH
+    limit = ttl(unit.key.kind, config)
+    if limit is None or now - unit.validated_at < limit:
+        return Verdict.HIT
+    return Verdict.REVALIDATE
+
+
+def may_serve_stale(unit: Unit | None, now: float, config: Config) -> bool:
+    """A mutable unit whose upstream failed may be served for max_stale past its TTL."""
+    if unit is None or unit.key.kind.immutable:
+        return False
+    return now - unit.validated_at <= config.cache.repodata_ttl + config.cache.max_stale
+
+
+def cache_control(kind: Kind, config: Config) -> str:
+    """The Cache-Control the proxy sends for a unit of this kind."""
+    limit = ttl(kind, config)
+    if limit is None:
+        return f"public, max-age={config.lazy.streamer_cache_timeout}"
+    return f"public, max-age={limit}"

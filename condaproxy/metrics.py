@@ -1,0 +1,47 @@
+"""Prometheus metrics, one registry per application (no global state shared between apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    """The counters condaproxy keeps; exposed at /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.responses = Counter(
+            "condaproxy_responses", "Responses by X-Cache outcome and status", ["cache", "status"], registry=r
+        )
+        self.upstream_fetches = Counter(
+            "condaproxy_upstream_fetches", "Upstream fetches started, by unit kind", ["kind"], registry=r
+        )
+        self.upstream_failures = Counter(
+            "condaproxy_upstream_failures", "Upstream fetches that failed, by reason", ["reason"], registry=r
+        )
+        self.integrity_failures = Counter(
+            "condaproxy_integrity_failures", "Downloads discarded for a size/sha256 mismatch", registry=r
+        )
+        self.unverified = Counter(
+            "condaproxy_unverified",
+            "Packages served but not cached: no digest in channel metadata",
+            registry=r,
+        )
+        self.persisted = Counter(
+            "condaproxy_persisted", "Units moved into the blob store", ["kind"], registry=r
+        )
+        self.persist_failures = Counter(
+            "condaproxy_persist_failures", "Verified downloads that could not be stored", registry=r
+        )
+        self.bytes_upstream = Counter(
+            "condaproxy_upstream_bytes", "Body bytes received from upstreams", registry=r
+        )
+        self.inflight = Gauge("condaproxy_inflight", "Downloads in flight", registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

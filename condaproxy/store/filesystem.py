@@ -1,0 +1,107 @@
+"""The default blob store: files under <cache>/blobs/<2 hex>/<sha256>, written crash-safely."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from condaproxy.store import check_key
+
+CHUNK = 256 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemStore:
+    """Content-addressed files; put() is fsync(file) -> link/rename -> fsync(dir)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        return self.root / key[:2] / key
+
+    def _put_sync(self, key: str, src: Path) -> None:
+        final = self._path(key)
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+        final.parent.mkdir(exist_ok=True)
+        try:
+            # A hard link keeps src valid for readers still streaming from it, and is
+            # atomic: the final name never points at a partial file.
+            os.link(src, final)
+        except FileExistsError:
+            return  # content-addressed: the same bytes are already there
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    async def put(self, key: str, src: Path) -> None:
+        """Durably store the bytes of src under key; src stays where it is."""
+        await asyncio.get_running_loop().run_in_executor(None, self._put_sync, key, src)
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob; a missing blob is not an error."""
+        path = self._path(key)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: path.unlink(missing_ok=True))
+
+    async def size(self, key: str) -> int | None:
+        """The stored size, or None when the blob is missing."""
+        path = self._path(key)
+
+        def stat() -> int | None:
+            try:
+                return path.stat().st_size
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.get_running_loop().run_in_executor(None, stat)
+
+    def local_path(self, key: str) -> Path | None:
+        """The file holding the blob (it may have vanished since the catalog said so)."""
+        return self._path(key)
+
+    async def read(self, key: str, offset: int, count: int) -> AsyncIterator[bytes]:
+        """Stream count bytes of the blob from offset."""
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(None, os.open, self._path(key), os.O_RDONLY)
+        try:
+            while count > 0:
+                chunk = await loop.run_in_executor(None, os.pread, fd, min(CHUNK, count), offset)
+                if not chunk:
+                    raise EOFError(f"blob {key} is shorter than expected")
+                offset += len(chunk)
+                count -= len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def keys(self) -> AsyncIterator[str]:
+        """Every key in the store."""
+        loop = asyncio.get_running_loop()
+        names = await loop.run_in_executor(
+            None, lambda: [p.name for p in self.root.glob("??/*") if not p.name.startswith(".")]
+        )
+        for name in names:
+            yield name
+
+    async def close(self) -> None:
+        """Nothing to release."""
