@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from condaproxy.accesslog import AccessLogger
 from condaproxy.catalog import Catalog
 from condaproxy.config import Config, bind_addresses
 from condaproxy.digests import DigestResolver
@@ -119,7 +120,14 @@ def run(config: Config) -> None:
     port = config.lazy.streamer_port
     log.info("condaproxy on %s port %d, cache in %s", ", ".join(hosts), port, config.cache.directory)
     try:
-        web.run_app(create_app(config), host=hosts, port=port, print=None, access_log=log)
+        web.run_app(
+            create_app(config),
+            host=hosts,
+            port=port,
+            print=None,
+            access_log=logging.getLogger("condaproxy.access"),
+            access_log_class=AccessLogger,
+        )
     except OSError as exc:
         print(f"condaproxy: cannot listen on {', '.join(hosts)} port {port}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -57,6 +57,7 @@ class CacheConfig:
     repodata_ttl: int = 60
     negative_ttl: int = 30
     max_stale: int = 604800
+    integrity_cooldown: int = 10
     persist_workers: int = 2
 
 
@@ -307,6 +308,7 @@ def _cache(s: _Section, base: Path) -> CacheConfig:
         repodata_ttl=s.integer("repodata_ttl", d.repodata_ttl),
         negative_ttl=s.integer("negative_ttl", d.negative_ttl),
         max_stale=s.integer("max_stale", d.max_stale),
+        integrity_cooldown=s.integer("integrity_cooldown", d.integrity_cooldown),
         # Zero workers would leave every download unpersisted.
         persist_workers=s.integer("persist_workers", d.persist_workers, minimum=1),
     )

@@ -40,7 +40,6 @@ from condaproxy.upstream import Upstream, Validators, passthrough_headers
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
-INTEGRITY_COOLDOWN = 60.0
 ExpectedLookup = Callable[[UnitKey, ChannelConfig], Awaitable[tuple[str, int | None] | None]]
 
 
@@ -82,7 +81,9 @@ class Fetcher:
             maxsize=65536, ttl=max(config.cache.negative_ttl, 0.001)
         )
         # A URL that served bytes not matching the channel's metadata is not retried at once.
-        self.cooldown: TTLCache[UnitKey, IntegrityError] = TTLCache(maxsize=4096, ttl=INTEGRITY_COOLDOWN)
+        self.cooldown: TTLCache[UnitKey, IntegrityError] = TTLCache(
+            maxsize=4096, ttl=max(config.cache.integrity_cooldown, 0.001)
+        )
 
     def start(self, key: UnitKey, channel: ChannelConfig, cached: Unit | None) -> Download:
         """Start the one download of key (the caller checked none is in flight)."""

@@ -181,9 +181,15 @@ class InflightTable:
                 del self._downloads[dl.key]
             dl.temp_path.unlink(missing_ok=True)
 
-    async def close(self) -> None:
-        """Cancel every download and wait for them to finish cleaning up."""
+    async def close(self, grace: float = 30.0) -> None:
+        """Cancel downloads still streaming; let verified ones finish persisting (bounded)."""
         tasks = [d.task for d in self._downloads.values() if d.task is not None]
-        for task in tasks:
+        for dl in list(self._downloads.values()):
+            if dl.task is not None and dl.state is not State.DONE:
+                dl.task.cancel()
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

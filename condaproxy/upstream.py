@@ -62,12 +62,23 @@ DROPPED_HEADERS = frozenset(
 )
 
 
+_SPECIAL_CASE = {"etag": "ETag", "www-authenticate": "WWW-Authenticate", "content-md5": "Content-MD5"}
+
+
+def canonical(name: str) -> str:
+    """One spelling per header name, so plain-dict look-ups (ETag, Last-Modified) are reliable."""
+    lower = name.lower()
+    return _SPECIAL_CASE.get(lower) or "-".join(part.capitalize() for part in lower.split("-"))
+
+
 def passthrough_headers(headers: CIMultiDictProxy[str]) -> dict[str, str]:
-    """The upstream's end-to-end headers that a client should see as they are."""
+    """The upstream's end-to-end headers that a client should see, under canonical names."""
     out: dict[str, str] = {}
-    for name, value in headers.items():
-        if name.lower() not in DROPPED_HEADERS:
-            out[name] = value if name not in out else f"{out[name]}, {value}"
+    for raw, value in headers.items():
+        if raw.lower() in DROPPED_HEADERS:
+            continue
+        name = canonical(raw)
+        out[name] = value if name not in out else f"{out[name]}, {value}"
     return out
 
 

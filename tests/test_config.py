@@ -95,7 +95,7 @@ def test_example_parses(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.source == path
     assert config.lazy == LazyConfig(8751, ("lo",), 86400)
-    assert config.cache == CacheConfig(Path("/var/lib/condaproxy"), 60, 30, 604800, 2)
+    assert config.cache == CacheConfig(Path("/var/lib/condaproxy"), 60, 30, 604800, 10, 2)
     assert config.upstream == UpstreamConfig("https://conda.anaconda.org", True, 10.0, 60.0)
     assert dict(config.channels) == {
         "conda-forge": ChannelConfig("conda-forge", "https://conda.anaconda.org/conda-forge", 10.0, 60.0)

@@ -1,0 +1,38 @@
+"""The access log: one line per response, with tokens and credentials redacted (rule 9)."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+_TOKEN = re.compile(r"^/t/[^/]*/")
+
+
+def redact(path: str) -> str:
+    """Replace a /t/<token>/ prefix so tokens never reach a log line."""
+    return _TOKEN.sub("/t/<redacted>/", path)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """remote "METHOD path" status bytes X-Cache seconds; never headers, never the query."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        """Write one access line."""
+        self.logger.info(
+            '%s "%s %s" %d %s %s %.3f',
+            request.remote,
+            request.method,
+            redact(request.rel_url.path),
+            response.status,
+            response.body_length,
+            response.headers.get("X-Cache", "-"),
+            time,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Only format lines someone will read."""
+        return self.logger.isEnabledFor(logging.INFO)

@@ -1,0 +1,66 @@
+"""Shared fixtures: a real conda channel and a fake upstream serving it.
+
+tests/ has no __init__.py, so pytest puts tests/ on sys.path (rootdir-relative
+"prepend" import mode): helpers are imported as top-level ``channel`` and ``upstream``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from channel import Channel, build_channel
+from proxy import Proxy, make_config
+from upstream import FakeUpstream
+
+CHANNEL_PREFIX = "testchan"
+
+
+@pytest.fixture(scope="session")
+def channel(tmp_path_factory: pytest.TempPathFactory) -> Channel:
+    """The test channel, built once per session; treat its files as read-only."""
+    return build_channel(tmp_path_factory.mktemp("channel"))
+
+
+@pytest.fixture
+async def upstream(channel: Channel) -> AsyncIterator[FakeUpstream]:
+    """A started FakeUpstream serving ``channel`` at ``/testchan``."""
+    server = FakeUpstream()
+    server.mount(CHANNEL_PREFIX, channel.path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def proxy_factory(
+    upstream: FakeUpstream, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+    """Start in-process proxies in front of ``upstream``: ``await proxy_factory(**cache_keys)``.
+
+    Keyword arguments override ``[cache]`` keys; ``handler_cancellation`` picks aiohttp's mode
+    (``run_app`` defaults to False, the test server to True: the proxy must be right in both).
+    """
+    started: list[Proxy] = []
+
+    async def start(*, handler_cancellation: bool = False, cache_dir: Path | None = None, **cache: Any) -> Proxy:
+        directory = cache_dir or tmp_path / f"cache{len(started)}"
+        proxy = Proxy(make_config(directory, upstream.url, **cache), handler_cancellation=handler_cancellation)
+        started.append(proxy)
+        return await proxy.start()
+
+    try:
+        yield start
+    finally:
+        for proxy in reversed(started):
+            await proxy.close()
+
+
+@pytest.fixture
+async def proxy(proxy_factory: Callable[..., Awaitable[Proxy]]) -> Proxy:
+    """An in-process proxy with default settings in front of the fake upstream."""
+    return await proxy_factory()
