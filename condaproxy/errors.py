@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class CondaproxyError(Exception):
-    """Base class of every error condaproxy raises on purpose."""
+    """Base class of every error condaproxy raises on purpose; status is what a client gets."""
+
+    status = 500
 
 
 class ConfigError(CondaproxyError):

@@ -129,6 +129,8 @@ class Fetcher:
                 self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
                 return
             await self._stream(dl, resp, channel, url)
+        except CondaproxyError as exc:
+            self._failed(dl, exc)
         finally:
             resp.release()
 
@@ -148,10 +150,20 @@ class Fetcher:
         key = dl.key
         length = resp.content_length
         headers = passthrough_headers(resp.headers)
-        lookup = None
+        lookup: asyncio.Future[tuple[str, int | None] | None] | None = None
+        want_size: int | None = None
         if key.kind is Kind.PACKAGE and self.expected is not None:
-            # Learn the channel's digest while the body streams, so it is known by the end.
-            lookup = asyncio.ensure_future(self.expected(key, channel))
+            known = await self.catalog.expected(key.channel, key.subdir, key.filename)
+            if known is not None:
+                lookup = asyncio.get_running_loop().create_future()
+                lookup.set_result(known)
+                want_size = known[1]
+                if known[1] is not None and length is not None and known[1] != length:
+                    # Known wrong before any byte went out: a clean 502, not a cut-off stream.
+                    raise IntegrityError(f"{key}: upstream announces {length} bytes, channel says {known[1]}")
+            else:
+                # Learn the channel's digest while the body streams, so it is known by the end.
+                lookup = asyncio.ensure_future(self.expected(key, channel))
         loop = asyncio.get_running_loop()
         fd = await loop.run_in_executor(
             None, os.open, dl.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
@@ -161,11 +173,14 @@ class Fetcher:
         try:
             dl.start_body(Head(headers, length))
             # Hold back the last byte until verified: a mismatch must never look like a whole body.
-            cap = length - 1 if length else None
+            total = length if length is not None else want_size
+            cap = total - 1 if total else None
             try:
                 async for chunk in resp.content.iter_chunked(READ_SIZE):
                     await loop.run_in_executor(None, _write_and_hash, fd, chunk, hasher)
                     written += len(chunk)
+                    if want_size is not None and written > want_size:
+                        raise IntegrityError(f"{key}: upstream sent more than the {want_size} bytes expected")
                     self.metrics.bytes_upstream.inc(len(chunk))
                     dl.publish(written, chunk, written if cap is None else min(written, cap))
             except TimeoutError as exc:

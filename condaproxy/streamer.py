@@ -97,8 +97,8 @@ async def _serve(
         if dl is None:
             try:
                 dl = svc.fetcher.start(key, channel, unit)
-            except UpstreamError as exc:
-                return text(exc.status, exc.reason)
+            except CondaproxyError as exc:
+                return text(exc.status, str(exc))
             xcache = "MISS"
     elif not key.kind.immutable:
         unit = await svc.catalog.get(key)  # for a stale fallback if this revalidation fails
@@ -112,7 +112,7 @@ async def _serve(
                 return served
         return text(exc.status, exc.reason)
     except CondaproxyError as exc:
-        return text(getattr(exc, "status", 502), str(exc))
+        return text(exc.status, str(exc))
     if state is State.NOT_MODIFIED:
         fresh = await svc.catalog.get(key)
         if fresh is not None:
