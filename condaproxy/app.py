@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from condaproxy.accesslog import AccessLogger
 from condaproxy.catalog import Catalog
@@ -103,9 +104,23 @@ async def metrics_view(request: web.Request) -> web.Response:
 CONFIG = web.AppKey("config", Config)
 
 
+@web.middleware
+async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Only GET and HEAD exist here: CONNECT, OPTIONS * and writes get 405 before routing."""
+    if request.method not in ("GET", "HEAD"):
+        return web.Response(
+            status=405,
+            text="only GET and HEAD are supported\n",
+            headers={"Allow": "GET, HEAD", "X-Cache": "MISS"},
+        )
+    return await handler(request)
+
+
 def create_app(config: Config) -> web.Application:
     """Build the streamer application for config; nothing starts until the app runs."""
-    app = web.Application(handler_args={"max_line_size": 8190, "max_field_size": 8190})
+    app = web.Application(
+        middlewares=[read_only], handler_args={"max_line_size": 8190, "max_field_size": 8190}
+    )
     app[CONFIG] = config
     app.cleanup_ctx.append(_services)
     app.router.add_get("/healthz", healthz)

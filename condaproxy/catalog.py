@@ -227,8 +227,11 @@ class Catalog:
         await self._db.commit()
         return not await self._execute("SELECT 1 FROM units WHERE blob_key=? LIMIT 1", (blob_key,))
 
-    async def revalidated(self, unit: Unit, headers: dict[str, str], now: float) -> Unit:
-        """Upstream said 304: the cached unit is fresh again, with any refreshed validators."""
+    async def revalidated(self, unit: Unit, headers: dict[str, str], now: float) -> Unit | None:
+        """Upstream said 304: the cached unit is fresh again, with any refreshed validators.
+
+        None when the row no longer holds unit's blob (replaced or removed meanwhile).
+        """
         merged = {**unit.headers, **headers}
         fresh = Unit(
             unit.key,
@@ -244,12 +247,25 @@ class Catalog:
             unit.state,
         )
         k = unit.key
-        await self._execute(
+        async with self._db.execute(
             """UPDATE units SET validated_at=?, headers=?, etag=?, last_modified=?
-               WHERE channel=? AND subdir=? AND filename=?""",
-            (now, json.dumps(merged), fresh.etag, fresh.last_modified, k.channel, k.subdir, k.filename),
-        )
+               WHERE channel=? AND subdir=? AND filename=? AND blob_key=?""",
+            (
+                now,
+                json.dumps(merged),
+                fresh.etag,
+                fresh.last_modified,
+                k.channel,
+                k.subdir,
+                k.filename,
+                unit.blob_key,
+            ),
+        ) as cur:
+            changed = cur.rowcount
         await self._db.commit()
+        if changed != 1:
+            self._rows.pop(k, None)  # let the next look-up read what the row now says
+            return None
         self._rows[k] = fresh
         return fresh
 

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 Expected = tuple[str, int | None]
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class DigestResolver:
     """Answers "what sha256 and size does the channel say this package has?"."""
 
@@ -42,13 +48,23 @@ class DigestResolver:
         if known is not None:
             return known
         found_index = await self._from_shards(key, channel)
-        if found_index:
-            return await self._catalog.expected(key.channel, key.subdir, key.filename)
-        for name in ("repodata.json.zst", "repodata.json"):
-            unit = await self._fetcher.ensure(UnitKey(key.channel, key.subdir, name, Kind.REPODATA), channel)
-            if unit is not None:
-                break
+        if not found_index:
+            for name in ("repodata.json.zst", "repodata.json"):
+                meta_key = UnitKey(key.channel, key.subdir, name, Kind.REPODATA)
+                if await self._learned(key, meta_key, channel):
+                    break
         return await self._catalog.expected(key.channel, key.subdir, key.filename)
+
+    async def _learned(self, key: UnitKey, meta_key: UnitKey, channel: ChannelConfig) -> bool:
+        """Ensure a metadata unit is cached and learned from; False when upstream lacks it."""
+        unit = await self._fetcher.ensure(meta_key, channel)
+        if unit is None:
+            return False
+        if await self._catalog.expected(key.channel, key.subdir, key.filename) is None:
+            # Cached earlier but never learned from (say, a crash right after persisting).
+            async with self.blob_file(unit) as path:
+                await self._fetcher.learn_from(meta_key, path)
+        return True
 
     async def _from_shards(self, key: UnitKey, channel: ChannelConfig) -> bool:
         """Fetch the shard that lists the package; False when the subdir has no shard index."""
@@ -69,7 +85,7 @@ class DigestResolver:
         if base.rstrip("/") not in ("./shards", "shards"):
             return False  # absolute shard locations: fall back to repodata
         shard_key = UnitKey(key.channel, key.subdir, f"shards/{digest}.msgpack.zst", Kind.SHARD)
-        await self._fetcher.ensure(shard_key, channel)
+        await self._learned(key, shard_key, channel)
         return True
 
     @asynccontextmanager
@@ -83,7 +99,7 @@ class DigestResolver:
         fd, name = await loop.run_in_executor(None, lambda: tempfile.mkstemp(dir=self._temp_dir))
         try:
             async for chunk in self._store.read(unit.blob_key, 0, unit.size):
-                await loop.run_in_executor(None, os.write, fd, chunk)
+                await loop.run_in_executor(None, _write_all, fd, chunk)
             yield Path(name)
         finally:
             os.close(fd)

@@ -95,20 +95,30 @@ class Fetcher:
         return self.inflight.start(key, lambda dl: self._run(dl, channel, cached))
 
     async def ensure(self, key: UnitKey, channel: ChannelConfig) -> Unit | None:
-        """The unit, complete in the store and fresh, fetching it if need be; None if unavailable."""
-        unit = await self.catalog.get(key)
-        if verdict(unit, time.time(), self.config) is Verdict.HIT:
-            return unit
+        """The unit, complete in the store and fresh, fetching it if need be; None if unavailable.
+
+        A download in flight is waited for to its very end (persisted and learned from),
+        even when the catalog already shows its row.
+        """
         dl = self.inflight.get(key)
         if dl is None:
-            try:
-                dl = self.start(key, channel, unit)
-            except UpstreamError:
+            unit = await self.catalog.get(key)
+            if verdict(unit, time.time(), self.config) is Verdict.HIT:
                 return unit
+            dl = self.inflight.get(key)
+            if dl is None:
+                try:
+                    dl = self.start(key, channel, unit)
+                except CondaproxyError:
+                    return unit
         assert dl.task is not None
         # Shielded: a caller giving up must not cancel a download others may share.
         await asyncio.shield(dl.task)
         return await self.catalog.get(key)
+
+    async def learn_from(self, key: UnitKey, path: Path) -> None:
+        """Record the package digests that a repodata file or shard at path states."""
+        await self._learn(key, path)
 
     async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> None:
         key = dl.key
@@ -122,7 +132,9 @@ class Fetcher:
         try:
             if resp.status == 304 and cached is not None:
                 headers = passthrough_headers(resp.headers)
-                await self.catalog.revalidated(cached, headers, time.time())
+                if await self.catalog.revalidated(cached, headers, time.time()) is None:
+                    self._failed(dl, UpstreamUnavailable("cached copy changed during revalidation"))
+                    return
                 dl.not_modified()
                 return
             if resp.status == 304:

@@ -163,6 +163,8 @@ class InflightTable:
         dl = Download(key, self.temp_dir / f"{self._serial:08d}-{id(key):x}.part")
         self._downloads[key] = dl
         dl.task = asyncio.get_running_loop().create_task(self._run(dl, run), name=f"fetch {key}")
+        # A done callback, not a finally: it also runs for a task cancelled before its first step.
+        dl.task.add_done_callback(lambda _: self._finished(dl))
         return dl
 
     async def _run(self, dl: Download, run: Runner) -> None:
@@ -174,12 +176,13 @@ class InflightTable:
         except Exception:
             log.exception("download of %s crashed", dl.key)
             dl.fail(UpstreamUnavailable("internal error while fetching"))
-        finally:
-            # Readers of a failed download see FAILED; new requests start afresh.
-            dl.fail(UpstreamUnavailable("download ended without a result"))
-            if self._downloads.get(dl.key) is dl:
-                del self._downloads[dl.key]
-            dl.temp_path.unlink(missing_ok=True)
+
+    def _finished(self, dl: Download) -> None:
+        # Readers of a download that ended without a result see FAILED; new requests start afresh.
+        dl.fail(UpstreamUnavailable("download ended without a result"))
+        if self._downloads.get(dl.key) is dl:
+            del self._downloads[dl.key]
+        dl.temp_path.unlink(missing_ok=True)
 
     async def close(self, grace: float = 30.0) -> None:
         """Cancel downloads still streaming; let verified ones finish persisting (bounded)."""

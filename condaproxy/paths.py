@@ -139,6 +139,8 @@ def parse_path(raw_path: str) -> Request | Rejection:
         if not _TOKEN.fullmatch(segs[1]):
             return Rejection(400, "malformed token segment")
         token, segs = segs[1], segs[2:]
+        if segs and segs[0] == "t":
+            return Rejection(400, "nested token segment")
     if len(segs) < 2:
         return Rejection(404, "expected /<channel>/<subdir>/<file>")
 

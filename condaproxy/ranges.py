@@ -9,10 +9,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# Positions are read from at most 18 digits: longer ones are past any real file, and int()
+# of thousands of digits would raise (Python's int-string limit) or waste time.
+_MAX_DIGITS = 18
+_HUGE = 10**_MAX_DIGITS
 _ETAG = re.compile(r'\s*(W/)?("[^"]*"|\*)\s*(?:,|$)')
 
 
@@ -35,9 +39,11 @@ def _http_date(value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        return parsedate_to_datetime(value)
+        parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
+    # asctime and "-0000" forms parse naive; HTTP dates are always UTC (RFC 9110 5.6.7).
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _etags(value: str) -> list[tuple[bool, str]] | None:
@@ -61,10 +67,11 @@ def _opaque(etag: str) -> tuple[bool, str]:
 def none_match(header: str, etag: str | None) -> bool:
     """If-None-Match uses weak comparison: does the header name our current tag (or '*')?"""
     tags = _etags(header)
-    if not tags or etag is None:
+    if not tags:
         return False
-    ours = _opaque(etag)[1]
-    return any(t in ("*", ours) for _, t in tags)
+    if any(t == "*" for _, t in tags):
+        return True  # we only ever answer for a representation that exists
+    return etag is not None and any(t == _opaque(etag)[1] for _, t in tags)
 
 
 def not_modified(headers: Mapping[str, str], etag: str | None, last_modified: str | None) -> bool:
@@ -86,6 +93,10 @@ def _if_range_ok(value: str, etag: str | None, last_modified: str | None) -> boo
     return date is not None and lm is not None and date == lm
 
 
+def _position(digits: str) -> int:
+    return _HUGE if len(digits.lstrip("0")) > _MAX_DIGITS else int(digits)
+
+
 def byte_window(range_header: str, size: int) -> tuple[int, int] | bool | None:
     """(offset, count) for a single satisfiable range, False if unsatisfiable, None to ignore.
 
@@ -97,13 +108,15 @@ def byte_window(range_header: str, size: int) -> tuple[int, int] | bool | None:
         return None
     first, last = m.group(1), m.group(2)
     if not first:  # suffix: the last N bytes
-        n = int(last)
+        n = _position(last)
+        if size == 0:
+            return None  # nothing to take the tail of: the whole (empty) body will do
         if n == 0:
             return False
         n = min(n, size)
         return (size - n, n)
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _position(first)
+    end = _position(last) if last else size - 1
     if last and end < start:
         return None
     if start >= size:

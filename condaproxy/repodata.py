@@ -25,8 +25,10 @@ from condaproxy.catalog import connect_sync
 log = logging.getLogger(__name__)
 
 BATCH = 10_000
-# A shard or shard index is small; refuse to inflate anything absurd (decompression bombs).
-MAX_MSGPACK_BYTES = 512 * 1024 * 1024
+# A shard or shard index is small (conda-forge's largest index inflates to a few MB): refuse to
+# inflate anything absurd, reading in steps so a decompression bomb never gets the memory.
+MAX_MSGPACK_BYTES = 96 * 1024 * 1024
+_STEP = 1 << 20
 _RECORD_KEYS = ("packages", "packages.conda")
 
 Digest = tuple[str, str, int | None]  # filename, sha256 hex, size
@@ -75,10 +77,12 @@ def iter_repodata_digests(stream: IO[bytes]) -> Iterator[Digest]:
 
 
 def _unpack_zst_msgpack(path: Path) -> Any:
+    data = bytearray()
     with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-        data = f.read(MAX_MSGPACK_BYTES + 1)
-    if len(data) > MAX_MSGPACK_BYTES:
-        raise ValueError(f"{path.name}: decompresses to more than {MAX_MSGPACK_BYTES} bytes")
+        while chunk := f.read(_STEP):
+            data += chunk
+            if len(data) > MAX_MSGPACK_BYTES:
+                raise ValueError(f"{path.name}: decompresses to more than {MAX_MSGPACK_BYTES} bytes")
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
