@@ -1,0 +1,121 @@
+"""The `condaproxy serve` command as a user runs it, and its operational endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from channel import Channel
+from proxy import Proxy, ProxyProcess, free_port, write_config
+from upstream import FakeUpstream
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def test_serve_with_builtin_defaults(tmp_path: Path) -> None:
+    """`condaproxy serve` alone: lo, port 8751, a per-user data directory, no other service."""
+    if not port_free(8751):
+        pytest.skip("port 8751 is taken on this machine")
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "condaproxy", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 20
+        async with aiohttp.ClientSession() as session:
+            while True:
+                try:
+                    async with session.get("http://127.0.0.1:8751/healthz") as resp:
+                        assert resp.status == 200
+                        break
+                except aiohttp.ClientError:
+                    assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+        assert (tmp_path / "data" / "condaproxy" / "catalog.sqlite3").exists()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out.decode()
+    assert b"Traceback" not in out
+
+
+async def test_serve_bad_config_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[lazy]\nstreamer_port = seventy\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "condaproxy", "serve", "--config", str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert str(bad) in proc.stderr and "[lazy]" in proc.stderr and "streamer_port" in proc.stderr
+
+
+async def test_port_in_use_is_one_line(tmp_path: Path, upstream: FakeUpstream) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "p.ini", tmp_path / "cache", upstream.url, port)
+        proc = subprocess.run(
+            [sys.executable, "-m", "condaproxy", "serve", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "cannot listen" in proc.stderr
+
+
+async def test_metrics_and_healthz(proxy: Proxy, channel: Channel) -> None:
+    pkg = channel.by_name("cp-app")
+    await proxy.get(f"/testchan/{pkg.url_path}")
+    await proxy.idle()
+    await proxy.get(f"/testchan/{pkg.url_path}")
+    health = await proxy.get("/healthz")
+    assert health.status == 200
+    metrics = (await proxy.get("/metrics")).body.decode()
+    assert 'condaproxy_responses_total{cache="HIT",status="200"} 1.0' in metrics
+    assert 'condaproxy_upstream_fetches_total{kind="package"}' in metrics
+    assert 'condaproxy_persisted_total{kind="package"}' in metrics
+
+
+async def test_tokens_never_reach_logs_or_catalog(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    token = "tk-SECRET-0123456789"
+    port = free_port()
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "p.ini", cache, upstream.url, port)
+    proc = await ProxyProcess(config, port).start()
+    pkg = channel.by_name("cp-app")
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):
+                async with session.get(f"{proc.url}/t/{token}/testchan/{pkg.url_path}") as resp:
+                    assert await resp.read() == pkg.read_bytes()
+                await asyncio.sleep(0.3)
+            async with session.get(f"{proc.url}/metrics") as resp:
+                assert token not in await resp.text()
+    finally:
+        proc.stop()
+    log = proc.log.read_text()
+    assert "/t/<redacted>/testchan" in log
+    for path in [proc.log, *cache.rglob("*")]:
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    assert all(token not in r.path and token not in str(dict(r.headers)) for r in upstream.requests)
