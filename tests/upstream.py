@@ -36,7 +36,7 @@ import termios
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -61,7 +61,7 @@ class Hold:
     """A test-controlled gate: requests wait at a point until ``release()``.
 
     ``reached`` is set once a request arrives at the point (for a body hold:
-    once ``at`` body bytes have been handed to the kernel); ``waiting`` counts
+    once ``at`` body bytes have reached the client's socket, or after 2 s if it is not reading); ``waiting`` counts
     requests currently held. After ``release()`` no request waits here again.
     """
 
@@ -345,10 +345,10 @@ class FakeUpstream:
         extra: dict[str, str] = dict(f.params["headers"]) if (f := faults.get("add_headers")) else {}
 
         if f := faults.get("status"):
-            response = web.Response(status=f.params["code"], body=f.params["body"])
-            response.headers.update(f.params["headers"])
-            response.headers.update(extra)
-            return response
+            answer = web.Response(status=f.params["code"], body=f.params["body"])
+            answer.headers.update(f.params["headers"])
+            answer.headers.update(extra)
+            return answer
 
         content = await self._content(path, faults)
         if content is None:
@@ -368,7 +368,7 @@ class FakeUpstream:
         status = 200
         size = len(body)
         plan = _range_plan(request, content, size)
-        if plan == "unsatisfiable":
+        if isinstance(plan, str):  # "unsatisfiable"
             headers["Content-Range"] = f"bytes */{size}"
             headers.update(extra)
             return web.Response(status=416, headers=headers)
@@ -427,10 +427,10 @@ class FakeUpstream:
             if fault is None:
                 break
             if fault.kind == "hold":
-                await _flushed(request)
+                await _flushed(request, kernel=True)
                 await self._wait_hold(fault.params["hold"])
             elif fault.kind == "stall":
-                await _flushed(request)
+                await _flushed(request, kernel=True)
                 seconds = fault.params["seconds"]
                 if seconds is None:
                     await self._closing.wait()
@@ -449,9 +449,9 @@ class FakeUpstream:
 
     async def _content(self, path: str, faults: dict[str, _Fault]) -> _Content | None:
         if f := faults.get("replace"):
-            data: bytes = f.params["data"]
-            etag = '"r-' + hashlib.sha256(data).hexdigest()[:32] + '"'
-            return _Content(data, etag, None, f.params["content_type"])
+            replaced: bytes = f.params["data"]
+            tag = '"r-' + hashlib.sha256(replaced).hexdigest()[:32] + '"'
+            return _Content(replaced, tag, None, f.params["content_type"])
         file = self._resolve(path)
         if file is None:
             return None
@@ -575,7 +575,7 @@ def _not_modified(request: web.Request, content: _Content) -> bool:
 
 def _range_plan(
     request: web.Request, content: _Content, size: int
-) -> tuple[int, int] | str | None:
+) -> tuple[int, int] | Literal["unsatisfiable"] | None:
     """A single ``bytes=`` range as (first, last), "unsatisfiable", or None for the full body."""
     header = request.headers.get("Range")
     if header is None or not header.startswith("bytes=") or "," in header:
