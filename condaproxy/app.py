@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler
 from condaproxy.accesslog import AccessLogger
 from condaproxy.catalog import Catalog
 from condaproxy.config import Config, bind_addresses
+from condaproxy.derive import Deriver
 from condaproxy.digests import DigestResolver
 from condaproxy.fetch import Fetcher
 from condaproxy.inflight import InflightTable
@@ -73,7 +74,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     fetcher = Fetcher(
         config=config, catalog=catalog, upstream=upstream, persist=persist, inflight=inflight, metrics=metrics
     )
-    fetcher.expected = DigestResolver(catalog, store, fetcher, temp)
+    resolver = DigestResolver(catalog, store, fetcher, temp)
+    fetcher.expected = resolver
+    fetcher.deriver = Deriver(fetcher, resolver.blob_file)
     metrics.inflight.set_function(lambda: len(inflight))
     app[SERVICES] = Services(config, catalog, store, upstream, inflight, persist, fetcher, metrics)
     flusher = loop.create_task(_flush_touches(catalog), name="flush-touches")

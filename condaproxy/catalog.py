@@ -7,11 +7,12 @@ next start. Package digests learned from repodata and shards live in `digests`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from cachetools import LRUCache
 from condaproxy.errors import CatalogBusy
 from condaproxy.paths import Kind, UnitKey
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS units (
     validated_at REAL NOT NULL,
     accessed_at REAL NOT NULL,
     hits INTEGER NOT NULL DEFAULT 0,
+    source_blob TEXT,
     PRIMARY KEY (channel, subdir, filename)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS units_blob ON units (blob_key);
@@ -53,13 +55,25 @@ CREATE TABLE IF NOT EXISTS digests (
     size INTEGER,
     PRIMARY KEY (channel, subdir, filename)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shard_bases (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    PRIMARY KEY (channel, subdir)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
     blob_key TEXT PRIMARY KEY,
     since REAL NOT NULL
 ) WITHOUT ROWID;
 """
 
+# Additive migrations, keyed by the version they lead to.
+_MIGRATIONS = {2: "ALTER TABLE units ADD COLUMN source_blob TEXT"}
+
 COMPLETE = "complete"
+_REPRESENTATION_HEADERS = frozenset(
+    {"ETag", "Last-Modified", "Content-Type", "Content-Encoding", "Content-Md5"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,7 @@ class Unit:
     fetched_at: float
     validated_at: float
     state: str = COMPLETE
+    source: str | None = None  # a derived unit: blob key of the variant it was made from
 
 
 def _unit(row: sqlite3.Row) -> Unit:
@@ -92,6 +107,7 @@ def _unit(row: sqlite3.Row) -> Unit:
         fetched_at=row["fetched_at"],
         validated_at=row["validated_at"],
         state=row["state"],
+        source=row["source_blob"],
     )
 
 
@@ -112,6 +128,10 @@ class Catalog:
         # Hot look-ups: rows only change through this object, so the cache stays coherent.
         self._rows: LRUCache[UnitKey, Unit] = LRUCache(maxsize=50_000)
         self._touched: dict[UnitKey, tuple[float, int]] = {}
+        # Blobs the evictor is deleting: a put of the same bytes waits, or it would trust a
+        # file that is about to vanish (the store's put skips a blob that already exists).
+        self._claims: dict[str, asyncio.Event] = {}
+        self.on_complete: Callable[[Unit], None] | None = None  # told of every committed row
 
     @classmethod
     async def open(cls, path: Path) -> Catalog:
@@ -126,7 +146,11 @@ class Catalog:
         if version > SCHEMA_VERSION:
             await db.close()
             raise RuntimeError(f"{path}: catalog schema {version} is newer than this condaproxy")
+        # A new file gets the current schema whole; an older one is migrated step by step.
         await db.executescript(_SCHEMA)
+        if version:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                await db.execute(_MIGRATIONS[target])
         await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         await db.commit()
         return cls(db, path)
@@ -167,6 +191,8 @@ class Catalog:
 
     async def begin_put(self, blob_key: str) -> None:
         """Record the intent to put a blob, before it is written into the store."""
+        while (claim := self._claims.get(blob_key)) is not None:
+            await claim.wait()
         await self._execute(
             "INSERT OR REPLACE INTO pending (blob_key, since) VALUES (?, ?)", (blob_key, time.time())
         )
@@ -183,8 +209,8 @@ class Catalog:
             await self._execute(
                 """INSERT OR REPLACE INTO units (channel, subdir, filename, kind, upstream_url,
                    state, blob_key, sha256, size, headers, etag, last_modified, fetched_at,
-                   validated_at, accessed_at, hits)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                   validated_at, accessed_at, source_blob, hits)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
                            COALESCE((SELECT hits FROM units
                                      WHERE channel=? AND subdir=? AND filename=?), 0))""",
                 (
@@ -203,6 +229,7 @@ class Catalog:
                     unit.fetched_at,
                     unit.validated_at,
                     time.time(),
+                    unit.source,
                     k.channel,
                     k.subdir,
                     k.filename,
@@ -219,6 +246,8 @@ class Catalog:
             await self._db.rollback()
             raise
         self._rows[k] = unit
+        if self.on_complete is not None:
+            self.on_complete(unit)
         return orphan
 
     async def abandon_put(self, blob_key: str) -> bool:
@@ -232,19 +261,17 @@ class Catalog:
 
         None when the row no longer holds unit's blob (replaced or removed meanwhile).
         """
-        merged = {**unit.headers, **headers}
-        fresh = Unit(
-            unit.key,
-            unit.upstream_url,
-            unit.blob_key,
-            unit.sha256,
-            unit.size,
-            merged,
-            headers.get("ETag", unit.etag),
-            headers.get("Last-Modified", unit.last_modified),
-            unit.fetched_at,
-            now,
-            unit.state,
+        client_side = headers
+        if unit.source is not None:
+            # Our own bytes (derived or rewritten): upstream's validators describe other bytes.
+            client_side = {k: v for k, v in headers.items() if k not in _REPRESENTATION_HEADERS}
+        merged = {**unit.headers, **client_side}
+        fresh = replace(
+            unit,
+            headers=merged,
+            etag=headers.get("ETag", unit.etag),
+            last_modified=headers.get("Last-Modified", unit.last_modified),
+            validated_at=now,
         )
         k = unit.key
         async with self._db.execute(
@@ -283,6 +310,35 @@ class Catalog:
         used = await self._execute("SELECT 1 FROM units WHERE blob_key=? LIMIT 1", (blob,))
         return None if used else blob
 
+    async def expire(self, channel: str, subdir: str, filenames: Iterable[str]) -> None:
+        """Make cached units due for revalidation now (a sibling variant changed upstream)."""
+        names = list(filenames)
+        for key in [k for k in self._rows if (k.channel, k.subdir) == (channel, subdir)]:
+            if key.filename in names:
+                del self._rows[key]
+        await self._db.executemany(
+            "UPDATE units SET validated_at=0 WHERE channel=? AND subdir=? AND filename=?",
+            [(channel, subdir, name) for name in names],
+        )
+        await self._db.commit()
+
+    async def set_shard_base(self, channel: str, subdir: str, base_url: str | None) -> None:
+        """Remember (or forget) the absolute shards_base_url an upstream index names."""
+        if base_url is None:
+            await self._execute("DELETE FROM shard_bases WHERE channel=? AND subdir=?", (channel, subdir))
+        else:
+            await self._execute(
+                "INSERT OR REPLACE INTO shard_bases VALUES (?, ?, ?)", (channel, subdir, base_url)
+            )
+        await self._db.commit()
+
+    async def shard_base(self, channel: str, subdir: str) -> str | None:
+        """The upstream base URL of a subdir's shards, when its index names an absolute one."""
+        rows = await self._execute(
+            "SELECT base_url FROM shard_bases WHERE channel=? AND subdir=?", (channel, subdir)
+        )
+        return str(rows[0]["base_url"]) if rows else None
+
     def touch(self, key: UnitKey, now: float) -> None:
         """Count a hit; written in batches by flush_touches, not per request."""
         _, hits = self._touched.get(key, (now, 0))
@@ -319,3 +375,84 @@ class Catalog:
     async def all_units(self) -> list[Unit]:
         """Every complete unit (for verification and tests)."""
         return [_unit(r) for r in await self._execute("SELECT * FROM units")]
+
+    # -- eviction ------------------------------------------------------------------------------
+
+    async def stored_size(self) -> int:
+        """Bytes in the store: each distinct blob once, however many rows share it."""
+        rows = await self._execute(
+            "SELECT COALESCE(SUM(size), 0) AS total FROM (SELECT MAX(size) AS size FROM units GROUP BY blob_key)"
+        )
+        return int(rows[0]["total"])
+
+    async def eviction_candidates(self, limit: int, offset: int = 0) -> list[Candidate]:
+        """Units in eviction order: least recently accessed first, then fewest hits."""
+        rows = await self._execute(
+            """SELECT channel, subdir, filename, kind, blob_key, size, accessed_at FROM units
+               ORDER BY accessed_at, hits LIMIT ? OFFSET ?""",
+            (limit, offset),
+        )
+        return [
+            Candidate(
+                UnitKey(r["channel"], r["subdir"], r["filename"], Kind(r["kind"])),
+                r["blob_key"],
+                r["size"],
+                r["accessed_at"],
+            )
+            for r in rows
+        ]
+
+    async def evict(self, key: UnitKey, blob_key: str, accessed_at: float) -> tuple[bool, str | None]:
+        """Drop key's row unless used or replaced since it was chosen; (removed, blob to delete).
+
+        A returned blob is marked pending (swept at the next start should the process die before
+        deleting it) and claimed: puts of it wait until blob_deleted() is called.
+        """
+        if key in self._touched or blob_key in self._claims:
+            return False, None
+        self._claims[blob_key] = asyncio.Event()  # before any await: orders us against begin_put
+        orphan = False
+        try:
+            self._rows.pop(key, None)
+            removed = await self._execute(
+                """DELETE FROM units WHERE channel=? AND subdir=? AND filename=? AND blob_key=?
+                   AND accessed_at<=? RETURNING blob_key""",
+                (key.channel, key.subdir, key.filename, blob_key, accessed_at),
+            )
+            orphan = bool(removed) and not await self._execute(
+                "SELECT 1 FROM units WHERE blob_key=? UNION ALL SELECT 1 FROM pending WHERE blob_key=? LIMIT 1",
+                (blob_key, blob_key),
+            )
+            if orphan:
+                await self._execute(
+                    "INSERT INTO pending (blob_key, since) VALUES (?, ?)", (blob_key, time.time())
+                )
+            await self._db.commit()
+        except BaseException:
+            orphan = False
+            await asyncio.shield(self._db.rollback())
+            raise
+        finally:
+            if not orphan:
+                self._claims.pop(blob_key).set()
+        return bool(removed), blob_key if orphan else None
+
+    async def blob_deleted(self, blob_key: str, deleted: bool = True) -> None:
+        """The evictor is done with blob_key: clear its pending mark if the blob is gone."""
+        try:
+            if deleted:
+                await self._execute("DELETE FROM pending WHERE blob_key=?", (blob_key,))
+                await self._db.commit()
+        finally:
+            if (claim := self._claims.pop(blob_key, None)) is not None:
+                claim.set()
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A unit the evictor may remove, with what it needs to decide and to account."""
+
+    key: UnitKey
+    blob_key: str
+    size: int
+    accessed_at: float

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from condaproxy import repodata
@@ -20,17 +17,11 @@ from condaproxy.catalog import Catalog, Unit
 from condaproxy.config import ChannelConfig
 from condaproxy.fetch import Fetcher
 from condaproxy.paths import SHARD_INDEX_NAME, Kind, UnitKey
-from condaproxy.store import BlobStore
+from condaproxy.store import BlobStore, local_copy
 
 log = logging.getLogger(__name__)
 
 Expected = tuple[str, int | None]
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class DigestResolver:
@@ -88,19 +79,6 @@ class DigestResolver:
         await self._learned(key, shard_key, channel)
         return True
 
-    @asynccontextmanager
-    async def blob_file(self, unit: Unit) -> AsyncIterator[Path]:
+    def blob_file(self, unit: Unit) -> AbstractAsyncContextManager[Path]:
         """A local file with the unit's bytes (the blob itself, or a temporary copy)."""
-        local = self._store.local_path(unit.blob_key)
-        if local is not None:
-            yield local
-            return
-        loop = asyncio.get_running_loop()
-        fd, name = await loop.run_in_executor(None, lambda: tempfile.mkstemp(dir=self._temp_dir))
-        try:
-            async for chunk in self._store.read(unit.blob_key, 0, unit.size):
-                await loop.run_in_executor(None, _write_all, fd, chunk)
-            yield Path(name)
-        finally:
-            os.close(fd)
-            os.unlink(name)
+        return local_copy(self._store, unit.blob_key, unit.size, self._temp_dir)

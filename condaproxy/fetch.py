@@ -13,14 +13,16 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 from cachetools import TTLCache
 
-from condaproxy import repodata
+from condaproxy import repodata, shards, variants
 from condaproxy.catalog import Catalog, Unit
 from condaproxy.config import ChannelConfig, Config
+from condaproxy.derive import Deriver, hash_file
 from condaproxy.errors import (
     CondaproxyError,
     IntegrityError,
@@ -35,6 +37,7 @@ from condaproxy.inflight import Download, Head, InflightTable
 from condaproxy.metrics import Metrics
 from condaproxy.paths import Kind, UnitKey
 from condaproxy.persist import PersistQueue
+from condaproxy.store import write_all
 from condaproxy.upstream import Upstream, Validators, passthrough_headers
 
 log = logging.getLogger(__name__)
@@ -45,9 +48,7 @@ ExpectedLookup = Callable[[UnitKey, ChannelConfig], Awaitable[tuple[str, int | N
 
 def _write_and_hash(fd: int, chunk: bytes, hasher: hashlib._Hash) -> None:
     # One executor hop per chunk: both the write and the hash release the GIL.
-    view = memoryview(chunk)
-    while view:
-        view = view[os.write(fd, view) :]
+    write_all(fd, chunk)
     hasher.update(chunk)
 
 
@@ -76,6 +77,8 @@ class Fetcher:
         self.inflight = inflight
         self.metrics = metrics
         self.expected: ExpectedLookup | None = None  # set by the app (digests.DigestResolver)
+        self.deriver: Deriver | None = None  # set by the app
+        self.deriving: set[UnitKey] = set()
         # Upstream 404s are remembered briefly, never for long (the file may appear soon).
         self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
             maxsize=65536, ttl=max(config.cache.negative_ttl, 0.001)
@@ -85,16 +88,22 @@ class Fetcher:
             maxsize=4096, ttl=max(config.cache.integrity_cooldown, 0.001)
         )
 
-    def start(self, key: UnitKey, channel: ChannelConfig, cached: Unit | None) -> Download:
-        """Start the one download of key (the caller checked none is in flight)."""
-        if (err := self.not_found.get(key)) is not None and cached is None:
+    def start(
+        self, key: UnitKey, channel: ChannelConfig, cached: Unit | None, *, derive: bool = True
+    ) -> Download:
+        """Start the one download of key (the caller checked none is in flight).
+
+        derive=False: never make a missing variant from a sibling (used for derivation sources).
+        """
+        derivable = derive and bool(variants.sources(key.filename))
+        if (err := self.not_found.get(key)) is not None and cached is None and not derivable:
             raise err
         if (bad := self.cooldown.get(key)) is not None:
             raise bad
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
-        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached))
+        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable))
 
-    async def ensure(self, key: UnitKey, channel: ChannelConfig) -> Unit | None:
+    async def ensure(self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True) -> Unit | None:
         """The unit, complete in the store and fresh, fetching it if need be; None if unavailable.
 
         A download in flight is waited for to its very end (persisted and learned from),
@@ -108,7 +117,7 @@ class Fetcher:
             dl = self.inflight.get(key)
             if dl is None:
                 try:
-                    dl = self.start(key, channel, unit)
+                    dl = self.start(key, channel, unit, derive=derive)
                 except CondaproxyError:
                     return unit
         assert dl.task is not None
@@ -120,12 +129,24 @@ class Fetcher:
         """Record the package digests that a repodata file or shard at path states."""
         await self._learn(key, path)
 
-    async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> None:
+    async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool) -> None:
         key = dl.key
-        url = upstream_url(channel, key)
+        if variants.is_internal(key.filename):
+            # A content-coded representation exists only here: always derived, never fetched.
+            await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"))
+            return
+        url = await self._url(channel, key)
         validators = Validators(cached.etag, cached.last_modified) if cached else None
         try:
+            if (missing := self.not_found.get(key)) is not None:
+                raise missing  # known missing upstream: go straight to deriving it
             resp = await self.upstream.open(url, channel, validators)
+        except UpstreamNotFound as exc:
+            if derive:
+                await self._derive(dl, channel, cached, exc)
+            else:
+                self._failed(dl, exc)
+            return
         except UpstreamError as exc:
             self._failed(dl, exc)
             return
@@ -140,11 +161,32 @@ class Fetcher:
             if resp.status == 304:
                 self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
                 return
-            await self._stream(dl, resp, channel, url)
+            await self._stream(dl, resp, channel, url, cached)
         except CondaproxyError as exc:
             self._failed(dl, exc)
         finally:
             resp.release()
+
+    async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
+        """Where a unit lives upstream; shards may live under a base their index names."""
+        if key.kind is Kind.SHARD:
+            base = await self.catalog.shard_base(key.channel, key.subdir)
+            if base is not None:
+                return base + key.filename.removeprefix("shards/")
+        return upstream_url(channel, key)
+
+    async def _derive(
+        self, dl: Download, channel: ChannelConfig, cached: Unit | None, missing: UpstreamNotFound
+    ) -> None:
+        """Make a variant upstream lacks from a sibling it has; else fail with missing."""
+        if self.deriver is not None:
+            self.deriving.add(dl.key)
+            try:
+                if await self.deriver.derive(dl, channel, cached):
+                    return
+            finally:
+                self.deriving.discard(dl.key)
+        self._failed(dl, missing)
 
     def _failed(self, dl: Download, exc: CondaproxyError) -> None:
         if isinstance(exc, UpstreamNotFound):
@@ -157,9 +199,17 @@ class Fetcher:
         dl.fail(exc)
 
     async def _stream(
-        self, dl: Download, resp: aiohttp.ClientResponse, channel: ChannelConfig, url: str
+        self,
+        dl: Download,
+        resp: aiohttp.ClientResponse,
+        channel: ChannelConfig,
+        url: str,
+        cached: Unit | None,
     ) -> None:
         key = dl.key
+        # A shard index may need rewriting before clients see it: small, so fetched whole first.
+        buffered = key.kind is Kind.SHARD_INDEX
+        body_path = dl.temp_path.with_name(dl.temp_path.name + ".raw") if buffered else dl.temp_path
         length = resp.content_length
         headers = passthrough_headers(resp.headers)
         lookup: asyncio.Future[tuple[str, int | None] | None] | None = None
@@ -178,12 +228,13 @@ class Fetcher:
                 lookup = asyncio.ensure_future(self.expected(key, channel))
         loop = asyncio.get_running_loop()
         fd = await loop.run_in_executor(
-            None, os.open, dl.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+            None, os.open, body_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
         )
         hasher = hashlib.sha256()
         written = 0
         try:
-            dl.start_body(Head(headers, length))
+            if not buffered:
+                dl.start_body(Head(headers, length))
             # Hold back the last byte until verified: a mismatch must never look like a whole body.
             total = length if length is not None else want_size
             cap = total - 1 if total else None
@@ -194,7 +245,8 @@ class Fetcher:
                     if want_size is not None and written > want_size:
                         raise IntegrityError(f"{key}: upstream sent more than the {want_size} bytes expected")
                     self.metrics.bytes_upstream.inc(len(chunk))
-                    dl.publish(written, chunk, written if cap is None else min(written, cap))
+                    if not buffered:
+                        dl.publish(written, chunk, written if cap is None else min(written, cap))
             except TimeoutError as exc:
                 raise UpstreamTimeout("upstream stalled mid-body") from exc
             except aiohttp.ClientPayloadError as exc:
@@ -212,28 +264,46 @@ class Fetcher:
             if lookup is not None and not lookup.done():
                 lookup.cancel()
             await loop.run_in_executor(None, os.close, fd)
-        dl.finish(written, sha)
-        if not verified:
-            return
         now = time.time()
         unit = Unit(
-            key,
-            url,
-            sha,
-            sha,
-            written,
-            headers,
-            headers.get("ETag"),
-            headers.get("Last-Modified"),
-            now,
-            now,
+            key, url, sha, sha, written, headers, headers.get("ETag"), headers.get("Last-Modified"), now, now
         )
+        if buffered:
+            try:
+                unit = await self._prepare_index(unit, body_path, dl.temp_path)
+            except Exception as exc:  # a broken index must fail its readers, not crash the task
+                self._failed(dl, UpstreamUnavailable(f"unreadable shard index: {exc}"))
+                return
+            finally:
+                await loop.run_in_executor(None, lambda: body_path.unlink(missing_ok=True))
+            dl.start_body(Head(unit.headers, unit.size))
+        dl.finish(unit.size, unit.sha256)
+        if not verified:
+            return
         try:
             await self.persist.persist(unit, dl.temp_path)
         except Exception:
             return  # counted and logged by the persist queue; the client already has its bytes
+        if key.kind is Kind.REPODATA and (cached is None or cached.blob_key != unit.blob_key):
+            # New content: cached siblings (.zst beside .json) must not stay served as fresh.
+            await self.catalog.expire(key.channel, key.subdir, variants.siblings(key.filename))
         if key.kind in (Kind.REPODATA, Kind.SHARD):
             await self._learn(key, dl.temp_path)
+
+    async def _prepare_index(self, unit: Unit, raw: Path, out: Path) -> Unit:
+        """Rewrite an index naming a foreign shards base (CEP-16) so clients come back to us."""
+        loop = asyncio.get_running_loop()
+        key = unit.key
+        base = await loop.run_in_executor(None, shards.rewrite_index, raw, out, unit.upstream_url)
+        await self.catalog.set_shard_base(key.channel, key.subdir, base)
+        if base is None:
+            await loop.run_in_executor(None, os.replace, raw, out)
+            return unit
+        size, sha = await loop.run_in_executor(None, hash_file, out)
+        log.info("%s: shards live at %s; index rewritten to ./shards/", key, base)
+        # Our bytes, our client-facing ETag; unit.etag stays the upstream's, for revalidation.
+        headers = {**unit.headers, "ETag": f'"{sha[:32]}"'}
+        return replace(unit, blob_key=sha, sha256=sha, size=size, headers=headers, source=unit.sha256)
 
     async def _verify(
         self,

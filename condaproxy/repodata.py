@@ -76,7 +76,8 @@ def iter_repodata_digests(stream: IO[bytes]) -> Iterator[Digest]:
         yield current, sha, size
 
 
-def _unpack_zst_msgpack(path: Path) -> Any:
+def unpack_zst_msgpack(path: Path) -> Any:
+    """Decode a zstd-compressed msgpack document, refusing to inflate past MAX_MSGPACK_BYTES."""
     data = bytearray()
     with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
         while chunk := f.read(_STEP):
@@ -88,7 +89,7 @@ def _unpack_zst_msgpack(path: Path) -> Any:
 
 def iter_shard_digests(path: Path) -> Iterator[Digest]:
     """Yield (filename, sha256, size) from a CEP-16 shard (sha256 stored as raw bytes)."""
-    shard = _unpack_zst_msgpack(path)
+    shard = unpack_zst_msgpack(path)
     for key in _RECORD_KEYS:
         for filename, record in (shard.get(key) or {}).items():
             sha = record.get("sha256")
@@ -101,7 +102,7 @@ def iter_shard_digests(path: Path) -> Iterator[Digest]:
 
 def read_shard_index(path: Path) -> tuple[str, dict[str, str]]:
     """A CEP-16 index: (shards_base_url, package name -> shard sha256 hex)."""
-    index = _unpack_zst_msgpack(path)
+    index = unpack_zst_msgpack(path)
     base = str((index.get("info") or {}).get("shards_base_url") or "./shards/")
     shards = {
         name: (digest.hex() if isinstance(digest, bytes) else str(digest))

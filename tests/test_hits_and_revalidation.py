@@ -94,8 +94,9 @@ async def test_head_cold_and_warm(proxy: Proxy, upstream: FakeUpstream, channel:
 
 
 async def test_head_of_missing_file_is_404(proxy: Proxy) -> None:
-    resp = await proxy.get(f"{CH}/noarch/repodata.json.bz2", method="HEAD")
-    assert resp.status == 404
+    for path in (f"{CH}/osx-64/repodata.json.zst", f"{CH}/noarch/nothere-1.0-0.conda"):
+        resp = await proxy.get(path, method="HEAD")
+        assert resp.status == 404
 
 
 async def test_repodata_fresh_within_ttl_then_revalidated(proxy_factory, upstream: FakeUpstream) -> None:

@@ -144,7 +144,8 @@ async def test_upstream_404_is_404_and_remembered_briefly(proxy_factory, upstrea
 
 
 async def test_missing_zst_variant_is_404_not_5xx(proxy: Proxy, upstream: FakeUpstream) -> None:
-    path = f"{CH}/noarch/repodata.json.bz2"
+    # No variant of this subdir exists upstream, so none can be derived: a plain 404.
+    path = f"{CH}/osx-64/repodata.json.zst"
     resp = await proxy.get(path)
     assert resp.status == 404  # conda falls back to repodata.json only on a 4xx
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -40,3 +44,28 @@ class BlobStore(Protocol):
 
     async def close(self) -> None:
         """Release clients and connections."""
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (it may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@asynccontextmanager
+async def local_copy(store: BlobStore, key: str, size: int, temp_dir: Path) -> AsyncIterator[Path]:
+    """A local file with a blob's bytes: the blob itself, or a temporary copy for remote stores."""
+    local = store.local_path(key)
+    if local is not None:
+        yield local
+        return
+    loop = asyncio.get_running_loop()
+    fd, name = await loop.run_in_executor(None, lambda: tempfile.mkstemp(dir=temp_dir))
+    try:
+        async for chunk in store.read(key, 0, size):
+            await loop.run_in_executor(None, write_all, fd, chunk)
+        yield Path(name)
+    finally:
+        os.close(fd)
+        os.unlink(name)

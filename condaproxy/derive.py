@@ -1,0 +1,89 @@
+"""Derived units: a repodata variant upstream lacks, made from one it has, kept in step.
+
+A derivation runs as the body of an ordinary download (same lock table entry, same readers,
+same persist step), so it happens once however many clients ask. A derived unit records the
+blob it was made from; when that source changes, the derived unit is made again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from condaproxy import variants
+from condaproxy.catalog import Unit
+from condaproxy.config import ChannelConfig
+from condaproxy.inflight import Download, Head
+from condaproxy.paths import Kind, UnitKey
+
+if TYPE_CHECKING:
+    from condaproxy.fetch import Fetcher
+
+log = logging.getLogger(__name__)
+
+BlobFile = Callable[[Unit], AbstractAsyncContextManager[Path]]
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in steps (run in an executor)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class Deriver:
+    """Makes a missing variant from the best sibling upstream has."""
+
+    def __init__(self, fetcher: Fetcher, blob_file: BlobFile) -> None:
+        self._fetcher = fetcher
+        self._blob_file = blob_file
+
+    async def derive(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> bool:
+        """Fill dl from a sibling variant; False when no sibling exists upstream."""
+        key = dl.key
+        fetcher = self._fetcher
+        for name in variants.sources(key.filename):
+            src_key = UnitKey(key.channel, key.subdir, name, Kind.REPODATA)
+            if src_key in fetcher.deriving:
+                continue  # never wait on another derivation: two missing variants would deadlock
+            source = await fetcher.ensure(src_key, channel, derive=False)
+            if source is None or source.source is not None:
+                continue
+            now = time.time()
+            # Still made from the current source: as good as a 304.
+            in_step = cached is not None and cached.source == source.blob_key
+            if in_step and cached and await fetcher.catalog.revalidated(cached, {}, now) is not None:
+                dl.not_modified()
+                return True
+            loop = asyncio.get_running_loop()
+            async with self._blob_file(source) as path:
+                await loop.run_in_executor(
+                    None, variants.transcode, path, name, dl.temp_path, key.filename
+                )
+            size, sha = await loop.run_in_executor(None, hash_file, dl.temp_path)
+            headers = {"Content-Type": variants.content_type(key.filename), "ETag": f'"{sha[:32]}"'}
+            if "Last-Modified" in source.headers:
+                headers["Last-Modified"] = source.headers["Last-Modified"]
+            dl.start_body(Head(headers, size))
+            dl.finish(size, sha)
+            unit = Unit(
+                key, source.upstream_url, sha, sha, size, headers, None, None, now, now,
+                source=source.blob_key,
+            )
+            log.info("derived %s from %s", key, name)
+            # A failed persist is counted and logged by the queue; readers already have the bytes.
+            with contextlib.suppress(Exception):
+                await fetcher.persist.persist(unit, dl.temp_path)
+            return True
+        return False
