@@ -27,7 +27,8 @@ class AccessLogger(AbstractAccessLogger):
             request.method,
             redact(request.rel_url.path),
             response.status,
-            response.body_length,
+            # sendfile bypasses body_length: the declared length is what went out.
+            response.content_length if response.content_length is not None else response.body_length,
             response.headers.get("X-Cache", "-"),
             time,
         )

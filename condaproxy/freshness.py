@@ -14,6 +14,7 @@ class Verdict(enum.Enum):
 
     HIT = "hit"  # complete and fresh: serve from the store
     REVALIDATE = "revalidate"  # complete but past its TTL: conditional request upstream
+    STALE_WHILE_REVALIDATE = "swr"  # past its TTL, within the grace: serve now, revalidate behind
     FETCH = "fetch"  # nothing usable cached
 
 
@@ -27,8 +28,11 @@ def verdict(unit: Unit | None, now: float, config: Config) -> Verdict:
     if unit is None:
         return Verdict.FETCH
     limit = ttl(unit.key.kind, config)
-    if limit is None or now - unit.validated_at < limit:
+    age = now - unit.validated_at
+    if limit is None or age < limit:
         return Verdict.HIT
+    if age < limit + config.cache.repodata_stale_while_revalidate:
+        return Verdict.STALE_WHILE_REVALIDATE
     return Verdict.REVALIDATE
 
 

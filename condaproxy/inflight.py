@@ -53,6 +53,7 @@ class Download:
         self.published = 0
         self.sha256: str | None = None
         self.subscribers = 0
+        self.ended = False  # the task is over; the temp file goes when the last reader leaves
         self.task: asyncio.Task[None] | None = None
         # The newest chunk stays in memory: readers that keep up never touch the file.
         self._last: tuple[int, bytes] = (0, b"")
@@ -124,12 +125,26 @@ class Download:
                 return self.published
             await self._changed.wait()
 
-    def cached_chunk(self, offset: int, end: int) -> bytes | None:
-        """Bytes [offset, end) if they are all inside the newest chunk in memory."""
+    def cached_chunk(self, offset: int, end: int) -> memoryview | None:
+        """Bytes [offset, end) if they are all inside the newest chunk in memory (no copy)."""
         start, chunk = self._last
         if start <= offset and end <= start + len(chunk):
-            return chunk[offset - start : end - start]
+            return memoryview(chunk)[offset - start : end - start]
         return None
+
+    def attach(self) -> None:
+        """A reader starts streaming from the temp file."""
+        self.subscribers += 1
+
+    def detach(self) -> None:
+        """A reader is done; the last one out after the task ended removes the temp file."""
+        self.subscribers -= 1
+        self._release()
+
+    def _release(self) -> None:
+        # A reader that kept up from memory may still need the file after the task ended.
+        if self.ended and self.subscribers == 0:
+            self.temp_path.unlink(missing_ok=True)
 
     @property
     def complete(self) -> bool:
@@ -182,7 +197,8 @@ class InflightTable:
         dl.fail(UpstreamUnavailable("download ended without a result"))
         if self._downloads.get(dl.key) is dl:
             del self._downloads[dl.key]
-        dl.temp_path.unlink(missing_ok=True)
+        dl.ended = True
+        dl._release()
 
     async def close(self, grace: float = 30.0) -> None:
         """Cancel downloads still streaming; let verified ones finish persisting (bounded)."""

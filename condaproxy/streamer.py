@@ -7,6 +7,7 @@ aborting the connection, never by ending the body cleanly (rule 4).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ from typing import IO
 
 from aiohttp import web
 
-from condaproxy import ranges
+from condaproxy import ranges, variants
 from condaproxy.catalog import Unit
 from condaproxy.config import ChannelConfig
 from condaproxy.errors import (
@@ -25,7 +26,7 @@ from condaproxy.errors import (
 )
 from condaproxy.freshness import Verdict, cache_control, may_serve_stale, verdict
 from condaproxy.inflight import Download, State
-from condaproxy.paths import Rejection, UnitKey, parse_path
+from condaproxy.paths import Kind, Rejection, UnitKey, parse_path
 from condaproxy.services import SERVICES, Services
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,20 @@ async def _serve(
     xcache = "COLLAPSED"
     if dl is None or dl.state is State.NOT_MODIFIED:
         unit = await svc.catalog.get(key)
-        if verdict(unit, now, svc.config) is Verdict.HIT and unit is not None:
-            served = await _serve_unit(request, svc, unit, "HIT")
+        found = verdict(unit, now, svc.config)
+        if found is Verdict.HIT and unit is not None:
+            served = await _serve_unit(request, svc, unit, "HIT", channel)
             if served is not None:
                 return served
             unit = None  # the blob went missing or changed size: fetch it again
+        elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
+            if svc.inflight.get(key) is None:
+                with contextlib.suppress(CondaproxyError):
+                    svc.fetcher.start(key, channel, unit)  # one background revalidation
+            served = await _serve_unit(request, svc, unit, "STALE", channel)
+            if served is not None:
+                return served
+            unit = None
         # Re-check after the await: another request may have started the fetch meanwhile.
         dl = svc.inflight.get(key)
         if dl is None:
@@ -102,12 +112,16 @@ async def _serve(
             xcache = "MISS"
     elif not key.kind.immutable:
         unit = await svc.catalog.get(key)  # for a stale fallback if this revalidation fails
+        if unit is not None and verdict(unit, now, svc.config) is Verdict.STALE_WHILE_REVALIDATE:
+            served = await _serve_unit(request, svc, unit, "STALE", channel)
+            if served is not None:
+                return served
     try:
         state = await dl.wait_head()
     except UpstreamError as exc:
         if not isinstance(exc, UpstreamNotFound) and may_serve_stale(unit, now, svc.config):
             assert unit is not None
-            served = await _serve_unit(request, svc, unit, "STALE")
+            served = await _serve_unit(request, svc, unit, "STALE", channel)
             if served is not None:
                 return served
         return text(exc.status, exc.reason)
@@ -116,7 +130,7 @@ async def _serve(
     if state is State.NOT_MODIFIED:
         fresh = await svc.catalog.get(key)
         if fresh is not None:
-            served = await _serve_unit(request, svc, fresh, "REVALIDATED")
+            served = await _serve_unit(request, svc, fresh, "REVALIDATED", channel)
             if served is not None:
                 return served
         return text(502, "cached copy vanished during revalidation")
@@ -134,10 +148,48 @@ def _open_blob(path: str, size: int) -> IO[bytes] | None:
     return f
 
 
+async def _coded(request: web.Request, svc: Services, unit: Unit, channel: ChannelConfig) -> Unit | None:
+    """A gzip/zstd-coded copy of repodata the client accepts, made from unit's very bytes.
+
+    When there is none yet, one is made in the background and this client gets identity.
+    """
+    k = unit.key
+    for coding in variants.accepted_codings(request.headers.get("Accept-Encoding"))[:1]:
+        coded_key = UnitKey(k.channel, k.subdir, f"{k.filename}@{coding}", Kind.REPODATA)
+        coded = await svc.catalog.get(coded_key)
+        if coded is not None and coded.source == unit.blob_key:
+            return coded
+        if svc.inflight.get(coded_key) is None:
+            with contextlib.suppress(CondaproxyError):
+                svc.fetcher.start(coded_key, channel, coded)
+    return None
+
+
 async def _serve_unit(
-    request: web.Request, svc: Services, unit: Unit, xcache: str
+    request: web.Request, svc: Services, unit: Unit, xcache: str, channel: ChannelConfig
 ) -> web.StreamResponse | None:
     """Answer from the store; None if the blob is missing or damaged (the row is then dropped)."""
+    extra: dict[str, str] = {}
+    if unit.key.filename in variants.BASES:
+        extra["Vary"] = "Accept-Encoding"
+        coded = await _coded(request, svc, unit, channel)
+        if coded is not None:
+            served = await _serve_blob(
+                request,
+                svc,
+                coded,
+                xcache,
+                {**extra, "Content-Encoding": coded.key.filename.partition("@")[2]},
+            )
+            if served is not None:
+                return served
+    return await _serve_blob(request, svc, unit, xcache, extra)
+
+
+async def _serve_blob(
+    request: web.Request, svc: Services, unit: Unit, xcache: str, extra: dict[str, str]
+) -> web.StreamResponse | None:
+    """Send a stored unit: sendfile for local blobs, Range and conditionals honoured."""
     loop = asyncio.get_running_loop()
     local = svc.store.local_path(unit.blob_key)
     fobj: IO[bytes] | None = None
@@ -149,11 +201,18 @@ async def _serve_unit(
                 await svc.store.delete(orphan)
             return None
     try:
-        headers = _response_headers(svc, unit.key, unit.headers, xcache)
+        headers = _response_headers(svc, unit.key, {**unit.headers, **extra}, xcache)
         if xcache == "STALE":
             headers["Age"] = str(max(0, int(time.time() - unit.validated_at)))
         svc.catalog.touch(unit.key, time.time())
-        plan = ranges.plan(request.method, request.headers, unit.size, unit.etag, unit.last_modified)
+        # Client-facing validators: for derived or rewritten units they differ from upstream's.
+        plan = ranges.plan(
+            request.method,
+            request.headers,
+            unit.size,
+            unit.headers.get("ETag"),
+            unit.headers.get("Last-Modified"),
+        )
         svc.metrics.responses.labels(xcache, str(plan.status)).inc()
         if not plan.has_body:
             resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
@@ -186,6 +245,8 @@ async def _stream(request: web.Request, svc: Services, dl: Download, xcache: str
     assert dl.head is not None
     head = dl.head
     headers = _response_headers(svc, dl.key, head.headers, xcache)
+    if dl.key.filename in variants.BASES:
+        headers["Vary"] = "Accept-Encoding"
     plan = ranges.plan(
         request.method,
         request.headers,
@@ -208,7 +269,7 @@ async def _stream(request: web.Request, svc: Services, dl: Download, xcache: str
     if request.method == "HEAD":
         await resp.write_eof()
         return resp
-    dl.subscribers += 1
+    dl.attach()
     try:
         await _pump(request, resp, dl, plan.offset, end)
     except CondaproxyError as exc:
@@ -218,7 +279,7 @@ async def _stream(request: web.Request, svc: Services, dl: Download, xcache: str
     except (ConnectionError, ClientGone):
         return resp
     finally:
-        dl.subscribers -= 1
+        dl.detach()
     await resp.write_eof()
     return resp
 
@@ -237,7 +298,7 @@ async def _pump(
                 if dl.complete:
                     return  # the whole body (or the asked window) went out
                 continue
-            chunk = dl.cached_chunk(offset, stop)
+            chunk: bytes | memoryview | None = dl.cached_chunk(offset, stop)
             if chunk is None:
                 if fd is None:
                     fd = await loop.run_in_executor(None, os.open, dl.temp_path, os.O_RDONLY)

@@ -66,7 +66,8 @@ class Proxy:
         server = site._server
         assert server is not None
         self._port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.session = aiohttp.ClientSession(auto_decompress=False)
+        # No Accept-Encoding unless a test asks for one: bodies are compared byte for byte.
+        self.session = aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("Accept-Encoding",))
         return self
 
     async def close(self) -> None:

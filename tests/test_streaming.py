@@ -177,3 +177,15 @@ async def test_shared_fetch_forwards_no_client_headers(
     (req,) = upstream.requests_for(path)
     for name in ("Range", "If-None-Match", "If-Modified-Since", "Authorization", "If-Range"):
         assert name not in req.headers
+
+
+async def test_fifty_cold_clients_all_get_whole_bodies(proxy: Proxy, upstream: FakeUpstream, channel: Channel) -> None:
+    """Readers that keep up from memory must still find the temp file after the fetch ends."""
+    pkg = channel.by_name("cp-big")
+    path = f"{CH}/{pkg.url_path}"
+    results = await asyncio.gather(*(proxy.get(path) for _ in range(50)))
+    assert upstream.count(path) == 1
+    bad = [r for r in results if r.error is not None or hashlib.sha256(r.body).hexdigest() != pkg.sha256]
+    assert not bad, f"{len(bad)} of 50 bodies broken: {bad[0].error!r}"
+    await proxy.idle()
+    check_invariants(proxy.config.cache.directory)

@@ -1,0 +1,245 @@
+"""Repodata as clients meet it: variants kept in step, derived when missing, coded on demand,
+stale-while-revalidate, CEP-16 shards that live on another host, and channel-level files."""
+
+from __future__ import annotations
+
+import asyncio
+import bz2
+import gzip
+import json
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zstandard
+from channel import Channel
+from proxy import Proxy, check_invariants
+from test_rattler_client import solve_and_install
+from upstream import FakeUpstream
+
+
+def unzstd(data: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+async def settle(proxy: Proxy) -> None:
+    await proxy.idle()
+    await asyncio.sleep(0.05)
+    await proxy.idle()
+
+
+@pytest.fixture
+async def json_only(upstream: FakeUpstream, channel: Channel, tmp_path: Path) -> Path:
+    root = channel.json_only_copy(tmp_path / "jsononly")
+    upstream.mount("jsononly", root)
+    return root
+
+
+async def test_zst_derived_when_upstream_has_only_json(
+    proxy: Proxy, upstream: FakeUpstream, json_only: Path
+) -> None:
+    want = (json_only / "noarch" / "repodata.json").read_bytes()
+    zst = await proxy.get("/jsononly/noarch/repodata.json.zst")
+    assert zst.status == 200 and unzstd(zst.body) == want
+    bz = await proxy.get("/jsononly/noarch/repodata.json.bz2")
+    assert bz.status == 200 and bz2.decompress(bz.body) == want
+    await settle(proxy)
+    again = await proxy.get("/jsononly/noarch/repodata.json.zst")
+    assert again.xcache == "HIT" and again.body == zst.body
+    assert upstream.count("/jsononly/noarch/repodata.json") == 1
+    assert upstream.count("/jsononly/noarch/repodata.json.zst") == 1  # asked once, 404, derived
+    check_invariants(proxy.config.cache.directory)
+
+
+async def test_json_derived_from_zst_and_current_repodata_from_repodata(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    root = tmp_path / "zstonly"
+    for subdir in ("noarch", "linux-64"):
+        (root / subdir).mkdir(parents=True)
+        (root / subdir / "repodata.json.zst").write_bytes(
+            (channel.path / subdir / "repodata.json.zst").read_bytes()
+        )
+    upstream.mount("zstonly", root)
+    want = (channel.path / "noarch" / "repodata.json").read_bytes()
+    plain = await proxy.get("/zstonly/noarch/repodata.json")
+    assert plain.status == 200 and json.loads(plain.body) == json.loads(want)
+    current = await proxy.get("/zstonly/noarch/current_repodata.json")
+    assert current.status == 200 and json.loads(current.body) == json.loads(want)
+
+
+async def test_no_variant_upstream_is_404(proxy: Proxy) -> None:
+    for name in ("repodata.json", "repodata.json.zst", "repodata.json.bz2", "current_repodata.json"):
+        assert (await proxy.get(f"/testchan/win-64/{name}")).status == 404
+
+
+async def test_fresh_json_never_beside_stale_zst(
+    proxy_factory, upstream: FakeUpstream, channel: Channel
+) -> None:
+    proxy = await proxy_factory(repodata_ttl=30)
+    v1 = (channel.path / "noarch" / "repodata.json").read_bytes()
+    old = await proxy.get("/testchan/noarch/repodata.json.zst")
+    assert unzstd(old.body) == v1
+    await settle(proxy)
+    # Upstream publishes a new version of both variants.
+    doc = json.loads(v1)
+    doc["info"]["changed"] = True
+    v2 = json.dumps(doc).encode()
+    upstream.replace("/testchan/noarch/repodata.json", v2, "application/json")
+    upstream.replace(
+        "/testchan/noarch/repodata.json.zst", zstandard.ZstdCompressor().compress(v2), "application/zstd"
+    )
+    fresh_json = await proxy.get("/testchan/noarch/repodata.json")
+    assert fresh_json.body == v2
+    await settle(proxy)
+    # The .zst is still within its TTL, but a newer .json was seen: it must not be served stale.
+    zst = await proxy.get("/testchan/noarch/repodata.json.zst")
+    assert unzstd(zst.body) == v2
+
+
+async def test_derived_variant_follows_its_source(
+    proxy_factory, upstream: FakeUpstream, json_only: Path
+) -> None:
+    proxy = await proxy_factory(repodata_ttl=1)
+    v1 = (json_only / "noarch" / "repodata.json").read_bytes()
+    assert unzstd((await proxy.get("/jsononly/noarch/repodata.json.zst")).body) == v1
+    await settle(proxy)
+    v2 = v1.replace(b'"subdir":"noarch"', b'"subdir":"noarch","v":2', 1)
+    assert v2 != v1
+    upstream.replace("/jsononly/noarch/repodata.json", v2, "application/json")
+    await asyncio.sleep(1.2)
+    zst = await proxy.get("/jsononly/noarch/repodata.json.zst")
+    assert unzstd(zst.body) == v2
+    await settle(proxy)
+    check_invariants(proxy.config.cache.directory)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+async def test_repodata_json_honours_accept_encoding(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, coding: str
+) -> None:
+    path = "/testchan/linux-64/repodata.json"
+    want = (channel.path / "linux-64" / "repodata.json").read_bytes()
+    first = await proxy.get(path, headers={"Accept-Encoding": f"{coding}, deflate"})
+    assert first.body == want and "Content-Encoding" not in first.headers
+    assert first.headers["Vary"] == "Accept-Encoding"
+    await settle(proxy)
+    deadline = time.monotonic() + 10
+    while True:
+        coded = await proxy.get(path, headers={"Accept-Encoding": coding})
+        if coded.headers.get("Content-Encoding") == coding or time.monotonic() > deadline:
+            break
+        await settle(proxy)
+    assert coded.headers.get("Content-Encoding") == coding
+    decoded = gzip.decompress(coded.body) if coding == "gzip" else unzstd(coded.body)
+    assert decoded == want
+    assert coded.headers["Vary"] == "Accept-Encoding" and coded.headers["ETag"] != first.headers["ETag"]
+    plain = await proxy.get(path, headers={"Accept-Encoding": "identity"})
+    assert plain.body == want and "Content-Encoding" not in plain.headers
+    refused = await proxy.get(path, headers={"Accept-Encoding": f"{coding};q=0"})
+    assert "Content-Encoding" not in refused.headers
+    assert upstream.count(path) == 1
+
+
+async def test_stale_while_revalidate_answers_at_once(proxy_factory, upstream: FakeUpstream) -> None:
+    proxy = await proxy_factory(repodata_ttl=1, repodata_stale_while_revalidate=30)
+    path = "/testchan/noarch/repodata.json"
+    body = (await proxy.get(path)).body
+    await settle(proxy)
+    await asyncio.sleep(1.2)
+    upstream.delay_headers(path, 3, times=1)  # a slow upstream
+    started = time.monotonic()
+    stale = await proxy.get(path)
+    assert time.monotonic() - started < 2.0
+    assert stale.status == 200 and stale.xcache == "STALE" and stale.body == body
+    assert int(stale.headers["Age"]) >= 1
+    await upstream.wait_for(path, 2)
+    await settle(proxy)
+    assert (await proxy.get(path)).xcache == "HIT"
+    assert upstream.count(path) == 2  # exactly one background revalidation
+
+
+async def test_swr_off_revalidates_synchronously(proxy_factory, upstream: FakeUpstream) -> None:
+    proxy = await proxy_factory(repodata_ttl=1)
+    path = "/testchan/noarch/repodata.json"
+    await proxy.get(path)
+    await settle(proxy)
+    await asyncio.sleep(1.2)
+    assert (await proxy.get(path)).xcache == "REVALIDATED"
+
+
+@pytest.fixture
+async def foreign_shards(upstream: FakeUpstream, channel: Channel, tmp_path: Path) -> FakeUpstream:
+    """A copy of the channel whose shard indexes say the shards live on a second host."""
+    cdn = FakeUpstream()
+    await cdn.start()
+    root = channel.shardless_copy(tmp_path / "cdnchan")
+    for subdir in ("noarch", "linux-64"):
+        cdn.mount(f"shardhost/{subdir}", channel.path / subdir / "shards")
+        raw = (channel.path / subdir / "repodata_shards.msgpack.zst").read_bytes()
+        index = msgpack.unpackb(unzstd(raw), raw=False)
+        index["info"]["shards_base_url"] = f"{cdn.url}/shardhost/{subdir}/"
+        packed = zstandard.ZstdCompressor().compress(msgpack.packb(index, use_bin_type=True))
+        (root / subdir / "repodata_shards.msgpack.zst").write_bytes(packed)
+    upstream.mount("cdnchan", root)
+    yield cdn
+    await cdn.close()
+
+
+async def test_absolute_shards_base_url_is_rewritten_and_mapped(
+    proxy: Proxy, upstream: FakeUpstream, foreign_shards: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    index = await proxy.get("/cdnchan/noarch/repodata_shards.msgpack.zst")
+    served = msgpack.unpackb(unzstd(index.body), raw=False)
+    assert served["info"]["shards_base_url"] == "./shards/"
+    names = await solve_and_install(
+        f"{proxy.url}/cdnchan", tmp_path / "env", tmp_path / "client", sharded=True
+    )
+    assert any(n.startswith("cp-extra-") for n in names)
+    # Every shard came through the proxy (whose User-Agent is condaproxy's), none straight from the CDN.
+    assert foreign_shards.requests, "shards were fetched from the second host"
+    assert all(r.headers.get("User-Agent", "").startswith("condaproxy/") for r in foreign_shards.requests)
+    await settle(proxy)
+    rows = check_invariants(proxy.config.cache.directory)
+    assert {f for _, _, f in rows} >= set(names)
+
+
+async def test_rewritten_index_revalidates_with_upstream_validators(
+    proxy_factory, upstream: FakeUpstream, foreign_shards: FakeUpstream
+) -> None:
+    proxy = await proxy_factory(repodata_ttl=1)
+    path = "/cdnchan/linux-64/repodata_shards.msgpack.zst"
+    first = await proxy.get(path)
+    await settle(proxy)
+    await asyncio.sleep(1.2)
+    again = await proxy.get(path)
+    assert again.xcache == "REVALIDATED" and again.body == first.body
+    assert again.headers["ETag"] == first.headers["ETag"]
+    assert "If-None-Match" in upstream.requests_for(path)[-1].headers
+    mine = await proxy.get(path, headers={"If-None-Match": first.headers["ETag"]})
+    assert mine.status == 304
+
+
+async def test_channel_level_files(
+    proxy_factory, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    root = channel.shardless_copy(tmp_path / "full")
+    (root / "channeldata.json").write_text('{"channeldata_version": 1, "packages": {}}')
+    (root / "noarch" / "index.html").write_text("<html>noarch</html>")
+    (root / "linux-64" / "run_exports.json").write_text("{}")
+    (root / "noarch" / "repodata.jlap").write_text("0" * 64 + "\n")
+    upstream.mount("full", root)
+    proxy = await proxy_factory(repodata_ttl=7)
+    for path in (
+        "/full/channeldata.json",
+        "/full/noarch/index.html",
+        "/full/linux-64/run_exports.json",
+        "/full/noarch/repodata.jlap",
+    ):
+        resp = await proxy.get(path)
+        assert resp.status == 200 and resp.body == (root / path.removeprefix("/full/")).read_bytes()
+        # Not a package: mutable, so it gets the repodata lifetime, not the immutable one.
+        assert resp.headers["Cache-Control"] == "public, max-age=7"
+    await settle(proxy)
+    assert (await proxy.get("/full/channeldata.json")).xcache == "HIT"
