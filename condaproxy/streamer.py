@@ -206,21 +206,10 @@ async def _serve_blob(
             headers["Age"] = str(max(0, int(time.time() - unit.validated_at)))
         svc.catalog.touch(unit.key, time.time())
         # Client-facing validators: for derived or rewritten units they differ from upstream's.
-        plan = ranges.plan(
-            request.method,
-            request.headers,
-            unit.size,
-            unit.headers.get("ETag"),
-            unit.headers.get("Last-Modified"),
-        )
+        plan = _plan(request, unit.size, unit.headers)
         svc.metrics.responses.labels(xcache, str(plan.status)).inc()
         if not plan.has_body:
-            resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
-            if plan.status == 416:
-                resp.content_length = 0
-            await resp.prepare(request)
-            await resp.write_eof()
-            return resp
+            return await _without_body(request, plan, headers)
         count = unit.size - plan.offset if plan.count is None else plan.count
         resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
         resp.content_length = count
@@ -240,6 +229,24 @@ async def _serve_blob(
             fobj.close()
 
 
+def _plan(request: web.Request, size: int | None, headers: dict[str, str]) -> ranges.Plan:
+    return ranges.plan(
+        request.method, request.headers, size, headers.get("ETag"), headers.get("Last-Modified")
+    )
+
+
+async def _without_body(
+    request: web.Request, plan: ranges.Plan, headers: dict[str, str]
+) -> web.StreamResponse:
+    """304 or 416: headers only."""
+    resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
+    if plan.status == 416:
+        resp.content_length = 0
+    await resp.prepare(request)
+    await resp.write_eof()
+    return resp
+
+
 async def _stream(request: web.Request, svc: Services, dl: Download, xcache: str) -> web.StreamResponse:
     """Stream a download in progress: bytes already written at once, then live."""
     assert dl.head is not None
@@ -247,21 +254,11 @@ async def _stream(request: web.Request, svc: Services, dl: Download, xcache: str
     headers = _response_headers(svc, dl.key, head.headers, xcache)
     if dl.key.filename in variants.BASES:
         headers["Vary"] = "Accept-Encoding"
-    plan = ranges.plan(
-        request.method,
-        request.headers,
-        head.length,
-        head.headers.get("ETag"),
-        head.headers.get("Last-Modified"),
-    )
+    plan = _plan(request, head.length, head.headers)
     svc.metrics.responses.labels(xcache, str(plan.status)).inc()
-    resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
     if not plan.has_body:
-        if plan.status == 416:
-            resp.content_length = 0
-        await resp.prepare(request)
-        await resp.write_eof()
-        return resp
+        return await _without_body(request, plan, headers)
+    resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
     end = head.length if plan.count is None else plan.offset + plan.count
     if end is not None:
         resp.content_length = end - plan.offset
