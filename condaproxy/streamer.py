@@ -295,11 +295,13 @@ async def _pump(
                 if dl.complete:
                     return  # the whole body (or the asked window) went out
                 continue
+            # Bounded writes: each client's transport buffers at most one CHUNK of ours.
+            stop = min(stop, offset + CHUNK)
             chunk: bytes | memoryview | None = dl.cached_chunk(offset, stop)
             if chunk is None:
                 if fd is None:
                     fd = await loop.run_in_executor(None, os.open, dl.temp_path, os.O_RDONLY)
-                chunk = await loop.run_in_executor(None, os.pread, fd, min(CHUNK, stop - offset), offset)
+                chunk = await loop.run_in_executor(None, os.pread, fd, stop - offset, offset)
                 if not chunk:
                     raise ClientGone("temporary file shorter than published")
             await resp.write(chunk)
