@@ -1,16 +1,20 @@
-"""The upstream client: one aiohttp session, conditional GETs, errors mapped to our own.
+"""The upstream client: conditional GETs over a channel's mirrors, errors mapped to our own.
 
 Requests for shared fetches carry no client header (no Range, no Authorization, no client
 validators): what is fetched once is fetched for everybody. Only configured upstream bases are
-ever contacted; redirects are followed only to https (or to the same origin) and at most a few.
+ever contacted, each channel with its own TLS identity and credentials; redirects go only where
+redirects.py allows, at most MAX_REDIRECTS, and never carry our credentials to another origin.
+Secrets (tokens, custom headers) never appear in a message: URLs are shown as redacted_url().
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
+import re
+import ssl
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -25,10 +29,19 @@ from condaproxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from condaproxy.mirrors import REMEMBER_SECONDS, MirrorMemory, locate, unit_url
+from condaproxy.redirects import (
+    MAX_REDIRECTS,
+    REDIRECT_STATUSES,
+    DisallowedAddress,
+    PublicResolver,
+    refusal,
+    same_origin,
+)
+from condaproxy.tls import TlsIdentity, TlsSetupError, build_context
 
 log = logging.getLogger(__name__)
 
-MAX_REDIRECTS = 5
 USER_AGENT = f"condaproxy/{__version__}"
 
 # Hop-by-hop and per-response headers we never replay (RFC 9110 7.6.1), plus those the proxy
@@ -90,73 +103,206 @@ class Validators:
     last_modified: str | None = None
 
 
-def _redirect_allowed(origin: URL, target: URL) -> bool:
-    if target.origin() == origin.origin():
-        return True
-    if target.scheme != "https" or not target.host:
-        return False
-    try:
-        addr = ipaddress.ip_address(target.host)
-    except ValueError:
-        return True
-    return not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved)
+# Where unit_url() puts a token: first in the path ("/conda-forge/t/..." is a channel's own path).
+_TOKEN_SEGMENT = re.compile(r"^/t/[^/]+(?=/|$)")
+
+
+def redacted_url(url: str | URL) -> str:
+    """url as logs and the catalog may show it: no userinfo, /t/<redacted>/, no query string."""
+    parts = urlsplit(str(url))
+    host = parts.netloc.rpartition("@")[2]
+    # A redirect target's query string may be a signature (S3, CDNs): a credential too.
+    query = "?<redacted>" if parts.query else ""
+    return f"{parts.scheme}://{host}{_TOKEN_SEGMENT.sub('/t/<redacted>', parts.path)}{query}"
+
+
+def _conditional(validators: Validators | None) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if validators is not None:
+        if validators.etag:
+            headers["If-None-Match"] = validators.etag
+        if validators.last_modified:
+            headers["If-Modified-Since"] = validators.last_modified
+    return headers
+
+
+def _all_failed(failures: list[tuple[str, UpstreamError]]) -> UpstreamError:
+    """One error for a fetch whose every mirror failed: 504 only if every mirror timed out."""
+    if len(failures) == 1:
+        return failures[0][1]
+    reasons = "; ".join(f"{where}: {exc.reason}" for where, exc in failures)
+    message = f"all {len(failures)} mirrors failed: {reasons}"
+    if all(isinstance(exc, UpstreamTimeout) for _, exc in failures):
+        return UpstreamTimeout(message)
+    return UpstreamUnavailable(message)
 
 
 class Upstream:
-    """Opens upstream responses; the caller reads the body and must release the response."""
+    """Opens upstream responses; the caller reads the body and must release the response.
 
-    def __init__(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=32, ttl_dns_cache=300),
+    One session (connection pool) per TLS identity, so a connection made with one channel's
+    client certificate is never reused for another. Other origins never see the certificate,
+    and redirect targets there are reached through pools that resolve names to public
+    addresses only. (Hosts the channel's metadata names, such as a CEP-16 shards_base_url,
+    are allowed as DESIGN rule 8 says: the shards they serve are checked against their names.)
+    """
+
+    def __init__(self, *, mirror_ttl: float = REMEMBER_SECONDS) -> None:
+        self.mirrors = MirrorMemory(mirror_ttl)
+        self._public = PublicResolver()
+        self._sessions: dict[tuple[TlsIdentity, bool], aiohttp.ClientSession] = {
+            (TlsIdentity(), False): self._new_session(True, public_only=False)
+        }
+        self._building = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def pools(self) -> frozenset[tuple[TlsIdentity, bool]]:
+        """The open sessions, as (TLS identity, public addresses only)."""
+        return frozenset(self._sessions)
+
+    def _new_session(self, context: ssl.SSLContext | bool, *, public_only: bool) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=256,
+            limit_per_host=32,
+            ttl_dns_cache=300,
+            ssl=context,
+            resolver=self._public if public_only else None,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
             auto_decompress=False,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             # Bodies may be large and slow; per-phase timeouts are set per request.
             timeout=aiohttp.ClientTimeout(total=None),
+            # Fetches are shared by every client: no upstream state may carry from one to the next.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
-        """Close the session and its connections."""
-        await self._session.close()
+        """Close every session and its connections; safe to call twice."""
+        self._closed = True
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        try:
+            await asyncio.gather(*(session.close() for session in sessions))
+        finally:
+            await self._public.close()
+
+    async def _session(
+        self, channel: ChannelConfig, *, own: bool, public_only: bool
+    ) -> aiohttp.ClientSession:
+        # Another origin trusts what the channel trusts, but never sees its client certificate.
+        identity = channel.tls if own else TlsIdentity(channel.ca_bundle)
+        key = (identity, public_only)
+        if (session := self._sessions.get(key)) is not None:
+            return session
+        async with self._building:
+            if (session := self._sessions.get(key)) is not None:
+                return session
+            if self._closed:
+                raise UpstreamUnavailable("the proxy is shutting down")
+            context: ssl.SSLContext | bool = True  # aiohttp's verifying default context
+            if not identity.is_default:
+                loop = asyncio.get_running_loop()
+                try:
+                    # Reads certificate files: off the loop, and once per identity.
+                    context = await loop.run_in_executor(None, build_context, identity)
+                except TlsSetupError as exc:
+                    raise UpstreamUnavailable(f"TLS setup of channel {channel.name} failed: {exc}") from exc
+            session = self._sessions[key] = self._new_session(context, public_only=public_only)
+            return session
 
     async def open(
-        self, url: str, channel: ChannelConfig, validators: Validators | None = None
-    ) -> aiohttp.ClientResponse:
-        """GET url; returns a 200 or 304 response with its body unread, or raises UpstreamError."""
-        headers: dict[str, str] = {}
-        if validators is not None:
-            if validators.etag:
-                headers["If-None-Match"] = validators.etag
-            if validators.last_modified:
-                headers["If-Modified-Since"] = validators.last_modified
+        self, channel: ChannelConfig, where: str, validators: Validators | None = None
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        """GET where (a path on the channel, or a URL its metadata named): response and redacted URL.
+
+        The response is a 200 or 304 with its body unread. A path is asked of the channel's
+        mirrors in turn: connect errors, timeouts before headers and 5xx move on to the next;
+        404 and other 4xx do not (the file is missing, or refused, wherever it is asked for).
+        """
+        conditional = _conditional(validators)
+        try:
+            located = locate(channel, where)
+        except ValueError:
+            raise UpstreamUnavailable("upstream metadata names a malformed URL") from None
+        if isinstance(located, URL):
+            return await self._get(channel, located, conditional, named=True)
+        failures: list[tuple[str, UpstreamError]] = []
+        order = self.mirrors.order(channel)
+        for index, base in enumerate(order):
+            try:
+                url = URL(unit_url(base, located, channel.token))
+                resp, served = await self._get(channel, url, conditional)
+            except (UpstreamUnavailable, UpstreamTimeout) as exc:
+                failures.append((redacted_url(base), exc))
+                if index + 1 < len(order):
+                    log.warning("%s: mirror %s failed (%s); trying the next", channel.name, base, exc.reason)
+                continue
+            self.mirrors.remember(channel, base)
+            return resp, served
+        raise _all_failed(failures)
+
+    async def _get(
+        self, channel: ChannelConfig, url: URL, conditional: dict[str, str], *, named: bool = False
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        """GET url (named: by the channel's metadata), following allowed redirects.
+
+        Credentials and the client certificate go only to the channel's own origins.
+        """
+        bases = [URL(u) for u in channel.urls]
+        credentials = dict([channel.header]) if channel.header else {}
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=channel.connect_timeout, sock_read=channel.read_timeout
         )
-        origin = URL(url)
-        target = origin
+        target = url
+        hint = ""  # for a connection closed during the handshake: TLS 1.3 reports no reason
         try:
             async with asyncio.timeout(channel.connect_timeout):
                 for _ in range(MAX_REDIRECTS + 1):
-                    resp = await self._session.get(
-                        target, headers=headers, timeout=timeout, allow_redirects=False
-                    )
-                    if resp.status not in (301, 302, 303, 307, 308):
+                    own = any(same_origin(base, target) for base in bases)
+                    allowed = own or (named and same_origin(url, target))
+                    if not allowed and (why := refusal(target)) is not None:
+                        raise UpstreamUnavailable(f"upstream redirect to {why} refused")
+                    bare = own and target.scheme == "https" and channel.client_cert is None
+                    hint = " (it may require a client certificate: see client_cert)" if bare else ""
+                    session = await self._session(channel, own=own, public_only=not allowed)
+                    headers = {**conditional, **credentials} if own else conditional
+                    resp = await session.get(target, headers=headers, timeout=timeout, allow_redirects=False)
+                    if resp.status not in REDIRECT_STATUSES:
                         break
                     location = resp.headers.get("Location")
                     resp.release()
-                    if not location:
-                        raise UpstreamUnavailable(f"upstream redirect without Location ({resp.status})")
-                    target = target.join(URL(location))
-                    if not _redirect_allowed(origin, target):
-                        raise UpstreamUnavailable("upstream redirected to a disallowed location")
+                    target = _redirect_target(resp.status, target, location)
                 else:
-                    raise UpstreamUnavailable("too many upstream redirects")
+                    raise UpstreamUnavailable(f"more than {MAX_REDIRECTS} upstream redirects")
         except TimeoutError as exc:
             raise UpstreamTimeout("upstream did not answer in time") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            why = getattr(exc.certificate_error, "verify_message", None) or "untrusted certificate"
+            raise UpstreamUnavailable(f"upstream certificate verify failed: {why}") from exc
+        except aiohttp.ClientConnectorSSLError as exc:
+            why = getattr(exc.os_error, "reason", None) or type(exc.os_error).__name__
+            raise UpstreamUnavailable(f"TLS handshake with upstream failed: {why}{hint}") from exc
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, DisallowedAddress):
+                raise UpstreamUnavailable(f"upstream location refused: {exc.os_error}") from exc
             raise UpstreamUnavailable(f"upstream unreachable: {exc.os_error.strerror or exc}") from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise UpstreamUnavailable(f"upstream closed the connection without answering{hint}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream error: {type(exc).__name__}") from exc
-        return check_status(resp)
+        return check_status(resp), redacted_url(target)
+
+
+def _redirect_target(status: int, current: URL, location: str | None) -> URL:
+    if not location:
+        raise UpstreamUnavailable(f"upstream redirect without Location ({status})")
+    try:
+        return current.join(URL(location))
+    except ValueError:
+        raise UpstreamUnavailable(f"upstream redirect to a malformed Location ({status})") from None
 
 
 def check_status(resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import mimetypes
 import socket
+import ssl
 import struct
 import termios
 from collections.abc import Mapping
@@ -119,11 +120,12 @@ class FakeUpstream:
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        self._scheme = "http"
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1 on an ephemeral port."""
+    async def start(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on 127.0.0.1 on an ephemeral port; over TLS with ``ssl_context`` (then ``url`` is https)."""
         if self._runner is not None:
             raise RuntimeError("FakeUpstream already started")
         app = web.Application()
@@ -134,9 +136,10 @@ class FakeUpstream:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         self._port = int(runner.addresses[0][1])
+        self._scheme = "https" if ssl_context is not None else "http"
         self._runner = runner
 
     async def close(self) -> None:
@@ -163,7 +166,7 @@ class FakeUpstream:
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:PORT`` (no trailing slash)."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
     def __repr__(self) -> str:
         where = self.url if self._port is not None else "not started"
