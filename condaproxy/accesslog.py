@@ -8,12 +8,14 @@ import re
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-_TOKEN = re.compile(r"^/t/[^/]*/")
+# Every /t/<token> segment pair, not only a leading one: a client may send several (refused,
+# but logged), or a token with no path after it.
+_TOKEN = re.compile(r"/t/[^/]*")
 
 
 def redact(path: str) -> str:
-    """Replace a /t/<token>/ prefix so tokens never reach a log line."""
-    return _TOKEN.sub("/t/<redacted>/", path)
+    """Replace every /t/<token> so tokens never reach a log line."""
+    return _TOKEN.sub("/t/<redacted>", path)
 
 
 class AccessLogger(AbstractAccessLogger):

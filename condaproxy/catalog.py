@@ -189,14 +189,25 @@ class Catalog:
         self._rows[key] = unit
         return unit
 
+    async def _write(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        """One statement in its own transaction; rolled back if it or its commit fails."""
+        try:
+            rows = await self._execute(sql, params)
+            await self._db.commit()
+        except BaseException:
+            # SQLite may leave the transaction open after SQLITE_BUSY or SQLITE_FULL: close it,
+            # or this connection's next statements would join a transaction that cannot commit.
+            await asyncio.shield(self._db.rollback())
+            raise
+        return rows
+
     async def begin_put(self, blob_key: str) -> None:
         """Record the intent to put a blob, before it is written into the store."""
         while (claim := self._claims.get(blob_key)) is not None:
             await claim.wait()
-        await self._execute(
+        await self._write(
             "INSERT OR REPLACE INTO pending (blob_key, since) VALUES (?, ?)", (blob_key, time.time())
         )
-        await self._db.commit()
 
     async def complete(self, unit: Unit) -> str | None:
         """Make unit visible; returns a replaced blob key that no row references any more."""
@@ -252,8 +263,7 @@ class Catalog:
 
     async def abandon_put(self, blob_key: str) -> bool:
         """Forget a pending put; True when no row uses the blob, so it may be deleted."""
-        await self._execute("DELETE FROM pending WHERE blob_key=?", (blob_key,))
-        await self._db.commit()
+        await self._write("DELETE FROM pending WHERE blob_key=?", (blob_key,))
         return not await self._execute("SELECT 1 FROM units WHERE blob_key=? LIMIT 1", (blob_key,))
 
     async def revalidated(self, unit: Unit, headers: dict[str, str], now: float) -> Unit | None:
@@ -299,11 +309,10 @@ class Catalog:
     async def remove(self, key: UnitKey) -> str | None:
         """Drop a unit's row; returns its blob key when no other row references it."""
         self._rows.pop(key, None)
-        rows = await self._execute(
+        rows = await self._write(
             "DELETE FROM units WHERE channel=? AND subdir=? AND filename=? RETURNING blob_key",
             (key.channel, key.subdir, key.filename),
         )
-        await self._db.commit()
         if not rows:
             return None
         blob = str(rows[0]["blob_key"])
@@ -376,12 +385,18 @@ class Catalog:
         """Every complete unit (for verification and tests)."""
         return [_unit(r) for r in await self._execute("SELECT * FROM units")]
 
+    async def referenced_blobs(self) -> set[str]:
+        """Every blob key a row references or a put in progress claims."""
+        rows = await self._execute("SELECT blob_key FROM units UNION SELECT blob_key FROM pending")
+        return {r["blob_key"] for r in rows}
+
     # -- eviction ------------------------------------------------------------------------------
 
     async def stored_size(self) -> int:
         """Bytes in the store: each distinct blob once, however many rows share it."""
         rows = await self._execute(
-            "SELECT COALESCE(SUM(size), 0) AS total FROM (SELECT MAX(size) AS size FROM units GROUP BY blob_key)"
+            """SELECT COALESCE(SUM(size), 0) AS total
+               FROM (SELECT MAX(size) AS size FROM units GROUP BY blob_key)"""
         )
         return int(rows[0]["total"])
 
@@ -420,7 +435,8 @@ class Catalog:
                 (key.channel, key.subdir, key.filename, blob_key, accessed_at),
             )
             orphan = bool(removed) and not await self._execute(
-                "SELECT 1 FROM units WHERE blob_key=? UNION ALL SELECT 1 FROM pending WHERE blob_key=? LIMIT 1",
+                """SELECT 1 FROM units WHERE blob_key=?
+                   UNION ALL SELECT 1 FROM pending WHERE blob_key=? LIMIT 1""",
                 (blob_key, blob_key),
             )
             if orphan:

@@ -71,6 +71,12 @@ class TruncatedError(UpstreamUnavailable):
     """The upstream body ended before its declared length, or broke midway."""
 
 
+class CacheDiskError(CondaproxyError):
+    """The cache's disk refused a write (full, over quota, failing): relayed, not cached."""
+
+    status = 503
+
+
 class CatalogBusy(CondaproxyError):
     """SQLite stayed locked beyond its timeout."""
 

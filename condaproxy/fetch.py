@@ -19,11 +19,12 @@ from pathlib import Path
 import aiohttp
 from cachetools import TTLCache
 
-from condaproxy import repodata, shards, variants
+from condaproxy import altsource, repodata, shards, variants
 from condaproxy.catalog import Catalog, Unit
 from condaproxy.config import ChannelConfig, Config
 from condaproxy.derive import Deriver, hash_file
 from condaproxy.errors import (
+    CacheDiskError,
     CondaproxyError,
     IntegrityError,
     TruncatedError,
@@ -38,7 +39,7 @@ from condaproxy.metrics import Metrics
 from condaproxy.paths import Kind, UnitKey
 from condaproxy.persist import PersistQueue
 from condaproxy.store import write_all
-from condaproxy.upstream import Upstream, Validators, passthrough_headers
+from condaproxy.upstream import Upstream, Validators, passthrough_headers, redacted_url
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,6 @@ def _write_and_hash(fd: int, chunk: bytes, hasher: hashlib._Hash) -> None:
     # One executor hop per chunk: both the write and the hash release the GIL.
     write_all(fd, chunk)
     hasher.update(chunk)
-
-
-def upstream_url(channel: ChannelConfig, key: UnitKey) -> str:
-    """The upstream URL of a unit: the channel's base URL plus the unit's path."""
-    return f"{channel.url}/{key.path}"
 
 
 class Fetcher:
@@ -131,6 +127,8 @@ class Fetcher:
 
     async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool) -> None:
         key = dl.key
+        if key.kind is Kind.PACKAGE and await altsource.serve(dl, channel, self.expected, self.persist):
+            return  # a verified copy from the channel's alternate source: no upstream fetch
         if variants.is_internal(key.filename):
             # A content-coded representation exists only here: always derived, never fetched.
             await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"))
@@ -140,7 +138,7 @@ class Fetcher:
         try:
             if (missing := self.not_found.get(key)) is not None:
                 raise missing  # known missing upstream: go straight to deriving it
-            resp = await self.upstream.open(url, channel, validators)
+            resp, url = await self.upstream.open(channel, url, validators)  # url: redacted, as served
         except UpstreamNotFound as exc:
             if derive:
                 await self._derive(dl, channel, cached, exc)
@@ -168,12 +166,12 @@ class Fetcher:
             resp.release()
 
     async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
-        """Where a unit lives upstream; shards may live under a base their index names."""
+        """Where a unit lives: its path on the channel's mirrors, or a URL its index named for shards."""
         if key.kind is Kind.SHARD:
             base = await self.catalog.shard_base(key.channel, key.subdir)
             if base is not None:
                 return base + key.filename.removeprefix("shards/")
-        return upstream_url(channel, key)
+        return key.path
 
     async def _derive(
         self, dl: Download, channel: ChannelConfig, cached: Unit | None, missing: UpstreamNotFound
@@ -227,9 +225,14 @@ class Fetcher:
                 # Learn the channel's digest while the body streams, so it is known by the end.
                 lookup = asyncio.ensure_future(self.expected(key, channel))
         loop = asyncio.get_running_loop()
-        fd = await loop.run_in_executor(
-            None, os.open, body_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-        )
+        try:
+            fd: int | None = await loop.run_in_executor(
+                None, os.open, body_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+            )
+        except OSError as exc:
+            if lookup is not None:
+                lookup.cancel()
+            raise self._disk_refused(dl, exc, 0) from exc
         hasher = hashlib.sha256()
         written = 0
         try:
@@ -240,13 +243,23 @@ class Fetcher:
             cap = total - 1 if total else None
             try:
                 async for chunk in resp.content.iter_chunked(READ_SIZE):
-                    await loop.run_in_executor(None, _write_and_hash, fd, chunk, hasher)
+                    if fd is not None:
+                        try:
+                            await loop.run_in_executor(None, _write_and_hash, fd, chunk, hasher)
+                        except OSError as exc:
+                            await loop.run_in_executor(None, os.close, fd)
+                            fd = None
+                            self._unspool(dl, exc, written, buffered)
+                    if fd is None:
+                        await loop.run_in_executor(None, hasher.update, chunk)
                     written += len(chunk)
                     if want_size is not None and written > want_size:
                         raise IntegrityError(f"{key}: upstream sent more than the {want_size} bytes expected")
                     self.metrics.bytes_upstream.inc(len(chunk))
                     if not buffered:
                         dl.publish(written, chunk, written if cap is None else min(written, cap))
+                        if fd is None:
+                            await self._pace(dl, channel)
             except TimeoutError as exc:
                 raise UpstreamTimeout("upstream stalled mid-body") from exc
             except aiohttp.ClientPayloadError as exc:
@@ -259,11 +272,14 @@ class Fetcher:
             verified = await self._verify(key, sha, written, lookup)
         except CondaproxyError as exc:
             self._failed(dl, exc)
+            if buffered:  # nobody reads the raw index: it must not outlive its download
+                await loop.run_in_executor(None, lambda: body_path.unlink(missing_ok=True))
             return
         finally:
             if lookup is not None and not lookup.done():
                 lookup.cancel()
-            await loop.run_in_executor(None, os.close, fd)
+            if fd is not None:
+                await loop.run_in_executor(None, os.close, fd)
         now = time.time()
         unit = Unit(
             key, url, sha, sha, written, headers, headers.get("ETag"), headers.get("Last-Modified"), now, now
@@ -278,8 +294,8 @@ class Fetcher:
                 await loop.run_in_executor(None, lambda: body_path.unlink(missing_ok=True))
             dl.start_body(Head(unit.headers, unit.size))
         dl.finish(unit.size, unit.sha256)
-        if not verified:
-            return
+        if not verified or dl.spool_error is not None:
+            return  # nothing vouches for the bytes, or the temp file does not hold them all
         try:
             await self.persist.persist(unit, dl.temp_path)
         except Exception:
@@ -290,11 +306,46 @@ class Fetcher:
         if key.kind in (Kind.REPODATA, Kind.SHARD):
             await self._learn(key, dl.temp_path)
 
+    def _disk_refused(self, dl: Download, exc: OSError, offset: int) -> CacheDiskError:
+        self.metrics.spool_failures.inc()
+        reason = exc.strerror or type(exc).__name__
+        log.error(
+            "cache disk refused %s at byte %d (%s): relaying to %d attached clients, not caching",
+            dl.key,
+            offset,
+            reason,
+            dl.subscribers,
+        )
+        return CacheDiskError(f"cache disk refused the download ({reason}); retry shortly")
+
+    def _unspool(self, dl: Download, exc: OSError, offset: int, buffered: bool) -> None:
+        """The temp file cannot grow (ENOSPC...): go on as a relay for the readers attached now.
+
+        Bytes from here on exist only as the newest chunk in memory, so the download paces
+        itself to its readers (see _pace), new readers are refused, and nothing is persisted.
+        """
+        error = self._disk_refused(dl, exc, offset)
+        if buffered:
+            raise error  # a shard index is rewritten from the whole file: nothing to relay
+        dl.stop_spooling(error)
+
+    async def _pace(self, dl: Download, channel: ChannelConfig) -> None:
+        # Bounded memory: the next chunk replaces the one in memory only once every attached
+        # reader has sent it. A reader too slow for read_timeout is left behind: lacking bytes
+        # later, its response is aborted (never ended cleanly).
+        try:
+            await asyncio.wait_for(dl.readers_caught_up(), channel.read_timeout)
+        except TimeoutError:
+            log.warning("%s: a reader fell behind the unspooled download; it will be cut off", dl.key)
+
     async def _prepare_index(self, unit: Unit, raw: Path, out: Path) -> Unit:
         """Rewrite an index naming a foreign shards base (CEP-16) so clients come back to us."""
         loop = asyncio.get_running_loop()
         key = unit.key
         base = await loop.run_in_executor(None, shards.rewrite_index, raw, out, unit.upstream_url)
+        if base is not None:
+            # Never a secret in the catalog or the log: open() puts a mirror's token back.
+            base = redacted_url(base)
         await self.catalog.set_shard_base(key.channel, key.subdir, base)
         if base is None:
             await loop.run_in_executor(None, os.replace, raw, out)

@@ -54,6 +54,11 @@ class Download:
         self.sha256: str | None = None
         self.subscribers = 0
         self.ended = False  # the task is over; the temp file goes when the last reader leaves
+        # Set when the cache disk refused the temp file (full, say): the bytes from there on
+        # live only in memory, so only readers attached now can be served; new ones are refused.
+        self.spool_error: CondaproxyError | None = None
+        self._waiting = 0  # readers blocked in wait_beyond: they have sent all that is published
+        self._caught_up: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
         # The newest chunk stays in memory: readers that keep up never touch the file.
         self._last: tuple[int, bytes] = (0, b"")
@@ -96,6 +101,23 @@ class Download:
         self.sha256 = sha256
         self._move((State.STREAMING,), State.DONE)
 
+    def stop_spooling(self, error: CondaproxyError) -> None:
+        """The temp file stops growing: readers from now on are refused with error."""
+        self.spool_error = error
+
+    async def readers_caught_up(self) -> None:
+        """Wait until every attached reader has sent all published bytes (relay without a spool)."""
+        while self._waiting < self.subscribers and self.state is State.STREAMING:
+            self._caught_up = event = asyncio.Event()
+            try:
+                await event.wait()
+            finally:
+                self._caught_up = None
+
+    def _reader_moved(self) -> None:
+        if self._caught_up is not None and self._waiting >= self.subscribers:
+            self._caught_up.set()
+
     def fail(self, error: CondaproxyError) -> None:
         """Fail every reader; safe to call in any state but DONE/NOT_MODIFIED (then a no-op)."""
         if self.state in (State.DONE, State.NOT_MODIFIED, State.FAILED):
@@ -111,6 +133,8 @@ class Download:
             await self._changed.wait()
         if self.state is State.FAILED and self.error is not None:
             raise self.error
+        if self.spool_error is not None and self.state in (State.STREAMING, State.DONE):
+            raise self.spool_error  # the bytes a new reader needs first are gone
         return self.state
 
     async def wait_beyond(self, offset: int) -> int:
@@ -123,7 +147,12 @@ class Download:
                 raise self.error or UpstreamUnavailable("download failed")
             if self.published > offset or self.state is State.DONE:
                 return self.published
-            await self._changed.wait()
+            self._waiting += 1
+            self._reader_moved()
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
 
     def cached_chunk(self, offset: int, end: int) -> memoryview | None:
         """Bytes [offset, end) if they are all inside the newest chunk in memory (no copy)."""
@@ -139,6 +168,7 @@ class Download:
     def detach(self) -> None:
         """A reader is done; the last one out after the task ended removes the temp file."""
         self.subscribers -= 1
+        self._reader_moved()
         self._release()
 
     def _release(self) -> None:

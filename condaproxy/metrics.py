@@ -41,6 +41,14 @@ class Metrics:
             "condaproxy_upstream_bytes", "Body bytes received from upstreams", registry=r
         )
         self.inflight = Gauge("condaproxy_inflight", "Downloads in flight", registry=r)
+        self.spool_failures = Counter(
+            "condaproxy_spool_failures",
+            "Downloads the cache disk could not hold (ENOSPC...): relayed to attached clients, not cached",
+            registry=r,
+        )
+        self.scrub_purged = Counter(
+            "condaproxy_scrub_purged", "Units dropped by the scrub: their blob no longer matched", registry=r
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from condaproxy.catalog import Catalog, Unit
+from condaproxy.errors import CatalogBusy
 from condaproxy.metrics import Metrics
 from condaproxy.store import BlobStore
 
 log = logging.getLogger(__name__)
+
+# Each attempt already waits out SQLite's own busy timeout (catalog.BUSY_TIMEOUT_MS).
+BUSY_ATTEMPTS = 3
+BUSY_BACKOFF = 0.5
 
 
 @dataclass(eq=False)
@@ -71,6 +76,19 @@ class PersistQueue:
                 self._queue.task_done()
 
     async def _persist(self, job: Job) -> Unit:
+        # A catalog locked by another process is transient: the temp file is still there (its
+        # download waits for us), so try again rather than lose a verified unit.
+        for attempt in range(1, BUSY_ATTEMPTS + 1):
+            try:
+                return await self._persist_once(job)
+            except CatalogBusy as exc:
+                if attempt == BUSY_ATTEMPTS:
+                    raise
+                log.warning("catalog busy while persisting %s (%s); trying again", job.unit.key, exc)
+                await asyncio.sleep(BUSY_BACKOFF * attempt)
+        raise AssertionError("unreachable")
+
+    async def _persist_once(self, job: Job) -> Unit:
         key = job.unit.blob_key
         await self._catalog.begin_put(key)
         try:

@@ -30,22 +30,55 @@ BATCH = 10_000
 MAX_MSGPACK_BYTES = 96 * 1024 * 1024
 _STEP = 1 << 20
 _RECORD_KEYS = ("packages", "packages.conda")
+# Decompression bombs, for every reader of compressed repodata (digest learning, transcoding):
+# real repodata inflates about ten-fold (conda-forge's linux-64 .zst: ~30 MB to ~300 MB), so
+# anything past MAX_RATIO times its compressed size (MIN_BUDGET for small files) is refused.
+MAX_RATIO = 64
+MIN_BUDGET = 64 * 1024 * 1024
+# ijson buffers a whole string before emitting it, in superlinear time (16 MB: a second; 300 MB:
+# minutes and a GB of memory). No real record holds a token of megabytes: stop feeding one.
+MAX_TOKEN_BYTES = 4 * 1024 * 1024
 
 Digest = tuple[str, str, int | None]  # filename, sha256 hex, size
+
+
+class _Bounded:
+    """A read-only stream that refuses to deliver more than limit bytes (ValueError)."""
+
+    def __init__(self, inner: IO[bytes], limit: int, what: str) -> None:
+        self._inner = inner
+        self.limit = limit
+        self.count = 0
+        self._what = what
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to size bytes (all that is left, within the limit, when size < 0)."""
+        if size < 0:
+            parts = []
+            while part := self.read(_STEP):
+                parts.append(part)
+            return b"".join(parts)
+        data = self._inner.read(min(size, self.limit - self.count + 1))
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ValueError(f"{self._what} past {self.limit} bytes: refused (decompression bomb?)")
+        return data
 
 
 @contextmanager
 def open_decoded(path: Path, filename: str) -> Iterator[IO[bytes]]:
     """Open a repodata file as a stream of JSON bytes, whatever its compression."""
+    budget = max(MIN_BUDGET, MAX_RATIO * path.stat().st_size)
+    what = f"{filename} inflates"
     if filename.endswith(".zst"):
         with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
-            yield f
+            yield cast(IO[bytes], _Bounded(f, budget, what))
     elif filename.endswith(".bz2"):
         with bz2.open(path, "rb") as f:
-            yield f
+            yield cast(IO[bytes], _Bounded(f, budget, what))
     elif filename.endswith(".gz"):
         with gzip.open(path, "rb") as gz:
-            yield cast(IO[bytes], gz)
+            yield cast(IO[bytes], _Bounded(cast(IO[bytes], gz), budget, what))
     else:
         with open(path, "rb") as f:
             yield f
@@ -57,7 +90,9 @@ def iter_repodata_digests(stream: IO[bytes]) -> Iterator[Digest]:
     sha: str | None = None
     size: int | None = None
     depth_prefix = ""
-    for prefix, event, value in ijson.parse(stream, use_float=True):
+    guard = _Bounded(stream, MAX_TOKEN_BYTES, "a single JSON token runs")
+    for prefix, event, value in ijson.parse(guard, use_float=True):
+        guard.count = 0  # the parser made progress: the budget is per token, not per file
         if event == "map_key" and prefix in _RECORD_KEYS:
             if current is not None and sha is not None:
                 yield current, sha, size

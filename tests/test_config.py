@@ -111,6 +111,12 @@ def test_shipped_example_parses_and_shows_every_key() -> None:
             assert f"\n{f.name} = " in text, f.name
 
 
+def test_shipped_example_shows_the_channel_keys() -> None:
+    text = SHIPPED.read_text()
+    for key in ("url", "connect_timeout", "read_timeout", "ca_bundle", "client_cert", "client_key", "token", "header"):
+        assert f"# {key} = " in text or f"\n{key} = " in text, key
+
+
 def test_inline_comments_are_stripped(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, """\
         [lazy]
@@ -149,6 +155,44 @@ def test_channels_inherit_upstream_timeouts_wherever_the_section_is(tmp_path: Pa
     assert config.channels["pkgs/main"] == ChannelConfig("pkgs/main", "http://repo.example/pkgs/main", 3.5, 120.0)
     dev = config.channels["conda-forge/label/dev"]
     assert (dev.connect_timeout, dev.read_timeout) == (3.5, 30.0)
+
+
+def test_channel_mirrors(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """\
+        [channel:conda-forge]
+        url = https://a.example/conda-forge/, https://b.example/cf
+              https://c.example/conda-forge,https://a.example/conda-forge
+        """))
+    ch = config.channels["conda-forge"]
+    assert ch.url == "https://a.example/conda-forge"
+    assert ch.urls == ("https://a.example/conda-forge", "https://b.example/cf", "https://c.example/conda-forge")
+    single = load_config(write(tmp_path, EXAMPLE)).channels["conda-forge"]
+    assert single.urls == (single.url,)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("[channel:x]\nurl = https://a.example/x ftp://b.example/x\n", "url", "'ftp://b.example/x'"),
+        ("[channel:x]\nurl = https://a.example/x, https://b.example/x?q\n", "url", "query"),
+        ("[channel:x]\nurl = , ,\n", "url", "missing"),
+        ("[upstream]\ndefault = https://user:hunter2@conda.example\n", "default", "without user or password"),
+        ("[channel:x]\nurl = https://user:hunter2@conda.example:bad/x\n", "url", "without user or password"),
+        ("[channel:x]\nurl = https://a.example/x\nurls = https://b.example/x\n", "urls", "unknown key"),
+        ("[channel:x]\nurl = https://a.example/x\n  read_timeout = 5\n", "url", "is the next line indented?"),
+    ],
+)
+def test_bad_mirror_lists(tmp_path: Path, text: str, key: str, words: str) -> None:
+    error = load_error(tmp_path, text)
+    assert error.key == key and words in error.message
+    assert "hunter2" not in str(error)  # a password in a URL is never echoed
+
+
+def test_channel_keys_are_listed(tmp_path: Path) -> None:
+    error = load_error(tmp_path, "[channel:x]\nurl = https://x.example\nmirror = y\n")
+    for key in ("url", "connect_timeout", "read_timeout", "ca_bundle", "client_cert", "client_key", "token", "header"):
+        assert key in error.message
+    assert "urls" not in error.message.replace("url,", "")
 
 
 def test_channel_lookup(tmp_path: Path) -> None:

@@ -47,11 +47,16 @@ class FilesystemStore:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
+            # Another filesystem (or no hard links): copy beside the final name, then rename.
             tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+            try:
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk must not leave half a blob behind
+                raise
         _fsync_dir(final.parent)
 
     async def put(self, key: str, src: Path) -> None:
@@ -102,6 +107,18 @@ class FilesystemStore:
         )
         for name in names:
             yield name
+
+    async def remove_partials(self) -> list[str]:
+        """Delete copies a put left half-made (run at startup, when no put is in progress)."""
+
+        def sweep() -> list[str]:
+            removed = []
+            for path in self.root.glob("??/.*.tmp"):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+            return removed
+
+        return await asyncio.get_running_loop().run_in_executor(None, sweep)
 
     async def close(self) -> None:
         """Nothing to release."""
