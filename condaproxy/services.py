@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from condaproxy.auth import ClientAuth
 from condaproxy.catalog import Catalog
 from condaproxy.config import Config
 from condaproxy.fetch import Fetcher
@@ -28,6 +29,7 @@ class Services:
     persist: PersistQueue
     fetcher: Fetcher
     metrics: Metrics
+    auth: ClientAuth
 
 
 SERVICES = web.AppKey("services", Services)

@@ -16,6 +16,7 @@ from typing import IO
 from aiohttp import web
 
 from condaproxy import ranges, variants
+from condaproxy.auth import Refused
 from condaproxy.catalog import Unit
 from condaproxy.config import ChannelConfig
 from condaproxy.errors import (
@@ -41,11 +42,12 @@ class ClientGone(Exception):
 def text(
     status: int, reason: str, xcache: str = "MISS", headers: dict[str, str] | None = None
 ) -> web.Response:
-    """A short plain-text answer (errors, rejections)."""
+    """A short plain-text answer (errors, rejections); a 503 always says when to retry."""
+    retry = {"Retry-After": "1"} if status == 503 else {}
     return web.Response(
         status=status,
         text=reason + "\n",
-        headers={"X-Cache": xcache, "Cache-Control": "no-store", **(headers or {})},
+        headers={"X-Cache": xcache, "Cache-Control": "no-store", **retry, **(headers or {})},
     )
 
 
@@ -73,6 +75,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     channel = svc.config.channel(key.channel)
     if channel is None:
         return text(404, f"channel {key.channel!r} is not served by this proxy")
+    try:
+        # Before any cache look-up: a private channel's bytes go only to a token its upstream accepts.
+        channel = await svc.auth.admit(channel, parsed.token)
+    except Refused as exc:
+        return text(exc.status, exc.reason)
     try:
         return await _serve(request, svc, key, channel)
     except CatalogBusy:
@@ -303,7 +310,8 @@ async def _pump(
                     fd = await loop.run_in_executor(None, os.open, dl.temp_path, os.O_RDONLY)
                 chunk = await loop.run_in_executor(None, os.pread, fd, stop - offset, offset)
                 if not chunk:
-                    raise ClientGone("temporary file shorter than published")
+                    # The bytes are gone (the cache disk refused them): abort, never end cleanly.
+                    raise CondaproxyError("temporary file shorter than published")
             await resp.write(chunk)
             offset += len(chunk)
         # The window is sent; a whole-body response must still wait for verification.

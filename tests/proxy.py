@@ -11,15 +11,18 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import aiohttp
+import psutil
 from aiohttp import web
 from multidict import CIMultiDict
 
-from condaproxy.app import create_app
+from condaproxy.app import create_app, server_options
 from condaproxy.config import CacheConfig, Config, LazyConfig, UpstreamConfig
 from condaproxy.services import SERVICES, Services
 
@@ -51,10 +54,16 @@ class Response:
 class Proxy:
     """The proxy app served in this process on 127.0.0.1, on an ephemeral port."""
 
-    def __init__(self, config: Config, *, handler_cancellation: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, handler_cancellation: bool = False, client_timeout: float | None = None
+    ) -> None:
         self.config = config
-        self.app = create_app(config)
-        self._runner = web.AppRunner(self.app, handler_cancellation=handler_cancellation)
+        self.app = (
+            create_app(config)
+            if client_timeout is None
+            else create_app(config, client_timeout=client_timeout)
+        )
+        self._runner = web.AppRunner(self.app, handler_cancellation=handler_cancellation, **server_options())
         self._port = 0
         self.session: aiohttp.ClientSession | None = None
 
@@ -115,13 +124,40 @@ def free_port() -> int:
 
 
 class ProxyProcess:
-    """`python -m condaproxy serve --config FILE` as a real child process."""
+    """`python -m condaproxy serve --config FILE` as a real child process.
 
-    def __init__(self, config_file: Path, port: int) -> None:
+    ``argv`` replaces the command (e.g. a launcher that installs an audit hook first); ``env``
+    is added to the environment.
+    """
+
+    def __init__(
+        self,
+        config_file: Path,
+        port: int,
+        *,
+        argv: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config_file = config_file
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config_file.with_suffix(".log")
+        self.argv = list(argv or [sys.executable, "-m", "condaproxy", "serve", "--config", str(config_file)])
+        self.env = {**os.environ, **(env or {})}
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """The child's resident set size in bytes."""
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def open_fds(self) -> int:
+        """File descriptors the child holds."""
+        return int(psutil.Process(self.pid).num_fds())
 
     @property
     def url(self) -> str:
@@ -131,11 +167,7 @@ class ProxyProcess:
     async def start(self, timeout: float = 20.0) -> ProxyProcess:
         """Start and wait until /healthz answers."""
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "condaproxy", "serve", "--config", str(self.config_file)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while True:
@@ -191,15 +223,20 @@ def write_config(path: Path, cache_dir: Path, upstream_url: str, port: int, **ex
 def check_invariants(cache_dir: Path, *, allow_temp: bool = False) -> list[tuple[str, str, str]]:
     """Assert the store's invariants; returns the complete units as (channel, subdir, filename).
 
-    Every complete row has a blob of its size and sha256; nothing else is in the store; no
-    pending put is left; no temp file outlives its download.
+    Every complete row has a blob of its size and sha256; nothing else is in the store (no
+    unreferenced blob, no half-made copy); no pending put is left; no temp file outlives its
+    download; the SQLite file itself is sound.
     """
     db = sqlite3.connect(cache_dir / "catalog.sqlite3")
     try:
         rows = db.execute("SELECT channel, subdir, filename, blob_key, sha256, size FROM units").fetchall()
+        states = db.execute("SELECT DISTINCT state FROM units").fetchall()
         pending = db.execute("SELECT blob_key FROM pending").fetchall()
+        integrity = db.execute("PRAGMA integrity_check").fetchall()
     finally:
         db.close()
+    assert integrity == [("ok",)], f"catalog damaged: {integrity}"
+    assert set(states) <= {("complete",)}, f"rows in other states: {states}"
     blobs = cache_dir / "blobs"
     referenced = set()
     for channel, subdir, filename, blob_key, sha, size in rows:
@@ -216,3 +253,132 @@ def check_invariants(cache_dir: Path, *, allow_temp: bool = False) -> list[tuple
         temps = list((cache_dir / "tmp").iterdir()) if (cache_dir / "tmp").exists() else []
         assert not temps, f"temp files left: {temps}"
     return [(c, s, f) for c, s, f, *_ in rows]
+
+
+class HealthProbe:
+    """Polls /healthz back to back while a test runs; the loop's responsiveness, measured.
+
+    ``async with HealthProbe(url) as probe: ...`` then ``probe.worst`` (seconds) and
+    ``probe.count``. A probe that errors or times out counts as ``timeout`` seconds.
+    """
+
+    def __init__(self, url: str, *, interval: float = 0.02, timeout: float = 5.0) -> None:
+        self.url = url + "/healthz"
+        self.interval = interval
+        self.timeout = timeout
+        self.latencies: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def worst(self) -> float:
+        """The slowest answer."""
+        return max(self.latencies, default=0.0)
+
+    @property
+    def count(self) -> int:
+        """How many probes answered."""
+        return len(self.latencies)
+
+    async def __aenter__(self) -> HealthProbe:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        # A connection of its own, kept alive: what is measured is the proxy's loop, not connects.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+            while True:
+                started = time.perf_counter()
+                try:
+                    async with session.get(self.url) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                took = time.perf_counter() - started
+                self.latencies.append(took if ok else self.timeout)
+                await asyncio.sleep(self.interval)
+
+
+@dataclass
+class RawAnswer:
+    """One HTTP/1.1 response read off a raw socket, with how its body ended."""
+
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes  # de-chunked
+    complete: bool  # the framing (Content-Length or the last chunk) says the body is whole
+    closed: bool  # the server closed the connection
+    raw: bytes = field(repr=False, default=b"")
+
+
+def parse_answer(data: bytes, closed: bool) -> RawAnswer:
+    """Parse the first response in data (as far as it goes)."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if not sep:
+        return RawAnswer(0, {}, b"", False, closed, data)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        want = int(headers["content-length"])
+        return RawAnswer(status, headers, rest[:want], len(rest) >= want, closed, data)
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size_line, sep, rest = rest.partition(b"\r\n")
+            if not sep:
+                return RawAnswer(status, headers, bytes(body), False, closed, data)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                return RawAnswer(status, headers, bytes(body), rest.startswith(b"\r\n"), closed, data)
+            if len(rest) < size + 2:
+                body += rest[:size]
+                return RawAnswer(status, headers, bytes(body), False, closed, data)
+            body += rest[:size]
+            rest = rest[size + 2 :]
+    # Neither: the body runs to the close, which is then its only (unverifiable) end.
+    return RawAnswer(status, headers, rest, closed, closed, data)
+
+
+async def raw_exchange(
+    url: str, request: bytes, *, timeout: float = 15.0, read_until_close: bool = True
+) -> RawAnswer:
+    """Send request bytes as they are and read the answer until the server closes (or timeout)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = bytearray()
+    closed = False
+    try:
+        writer.write(request)
+        await writer.drain()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                chunk = await asyncio.wait_for(reader.read(1 << 16), left)
+            except TimeoutError:
+                break
+            except ConnectionError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+            if not read_until_close and parse_answer(bytes(data), False).complete:
+                break
+    finally:
+        writer.close()
+    return parse_answer(bytes(data), closed)
