@@ -1,4 +1,4 @@
-"""The condaproxy command: serve, check-config."""
+"""The condaproxy command: serve, check-config, verify."""
 
 from __future__ import annotations
 
@@ -55,7 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=_check_config)
 
-    for sub in (serve, check):
+    verify = commands.add_parser(
+        "verify",
+        help="re-hash every cached file; purge damaged ones so the next request fetches them again",
+    )
+    verify.add_argument("--config", metavar="FILE", help="INI configuration (default: built-in defaults)")
+    verify.set_defaults(run=_verify)
+
+    for sub in (serve, check, verify):
         # Also accepted after the command; SUPPRESS keeps the subparser from resetting it.
         _add_log_level(sub, argparse.SUPPRESS)
     return parser
@@ -74,6 +81,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     run(config)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else default_config()
+    from condaproxy.verify import verify
+
+    report = verify(config.cache.directory)
+    # 1 tells scripts that something was damaged (and is now gone), 0 that all was intact.
+    return 1 if report.purged_units else 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
