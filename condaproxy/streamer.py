@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 
 
-class ClientGone(Exception):
-    """The client went away mid-response: nothing to do but stop."""
-
-
 def text(
     status: int, reason: str, xcache: str = "MISS", headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -280,7 +276,7 @@ async def _stream(request: web.Request, svc: Services, dl: Download, xcache: str
         log.warning("aborting response for %s: %s", dl.key, exc)
         _abort(request)
         return resp
-    except (ConnectionError, ClientGone):
+    except ConnectionError:
         return resp
     finally:
         dl.detach()

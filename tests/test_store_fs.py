@@ -72,6 +72,20 @@ async def test_put_the_same_key_twice(store: FilesystemStore, tmp_path: Path) ->
     assert await all_keys(store) == {key}
 
 
+async def test_put_replaces_a_truncated_blob_of_the_same_key(store: FilesystemStore, tmp_path: Path) -> None:
+    key, src = blob(tmp_path, b"the whole blob, every byte")
+    await store.put(key, src)
+    damaged = store.local_path(key)
+    assert damaged is not None
+    src.unlink()  # a separate inode from now on, so the damage stays in the store's copy
+    damaged.write_bytes(b"the whole")  # truncated on disk
+    _, fresh = blob(tmp_path, b"the whole blob, every byte", "fresh.part")
+    await store.put(key, fresh)
+    assert damaged.read_bytes() == b"the whole blob, every byte"
+    assert await all_keys(store) == {key}
+    assert [p.name for p in damaged.parent.iterdir()] == [key]  # no temporary name left
+
+
 async def test_put_leaves_no_temporary_files(store: FilesystemStore, tmp_path: Path) -> None:
     key, src = blob(tmp_path, b"x" * 1000)
     await store.put(key, src)

@@ -43,21 +43,32 @@ class FilesystemStore:
             # atomic: the final name never points at a partial file.
             os.link(src, final)
         except FileExistsError:
-            return  # content-addressed: the same bytes are already there
+            if final.stat().st_size == os.stat(src).st_size:
+                return  # content-addressed: the same bytes are already there
+            # A damaged blob (truncated on disk) must not be trusted for its name: replace it.
+            self._install(src, final, link=True)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
-            # Another filesystem (or no hard links): copy beside the final name, then rename.
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            try:
+            self._install(src, final, link=False)
+        _fsync_dir(final.parent)
+
+    @staticmethod
+    def _install(src: Path, final: Path, *, link: bool) -> None:
+        """Put src's bytes at final through a name beside it, then an atomic rename."""
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            if link:
+                os.link(src, tmp)
+            else:  # another filesystem (or no hard links): a copy
                 shutil.copyfile(src, tmp)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                tmp.unlink(missing_ok=True)  # a full disk must not leave half a blob behind
-                raise
-        _fsync_dir(final.parent)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half a blob behind
+            raise
 
     async def put(self, key: str, src: Path) -> None:
         """Durably store the bytes of src under key; src stays where it is."""
