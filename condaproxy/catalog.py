@@ -61,6 +61,12 @@ CREATE TABLE IF NOT EXISTS shard_bases (
     base_url TEXT NOT NULL,
     PRIMARY KEY (channel, subdir)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS package_bases (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    PRIMARY KEY (channel, subdir)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
     blob_key TEXT PRIMARY KEY,
     since REAL NOT NULL
@@ -345,6 +351,22 @@ class Catalog:
         """The upstream base URL of a subdir's shards, when its index names an absolute one."""
         rows = await self._execute(
             "SELECT base_url FROM shard_bases WHERE channel=? AND subdir=?", (channel, subdir)
+        )
+        return str(rows[0]["base_url"]) if rows else None
+
+    async def set_package_base(self, channel: str, subdir: str, base_url: str | None) -> None:
+        """Remember (or forget) the absolute CEP-15 info.base_url a subdir's repodata names."""
+        if base_url is None:
+            await self._write("DELETE FROM package_bases WHERE channel=? AND subdir=?", (channel, subdir))
+        else:
+            await self._write(
+                "INSERT OR REPLACE INTO package_bases VALUES (?, ?, ?)", (channel, subdir, base_url)
+            )
+
+    async def package_base(self, channel: str, subdir: str) -> str | None:
+        """The upstream base URL of a subdir's packages, when its repodata names a foreign one."""
+        rows = await self._execute(
+            "SELECT base_url FROM package_bases WHERE channel=? AND subdir=?", (channel, subdir)
         )
         return str(rows[0]["base_url"]) if rows else None
 

@@ -42,6 +42,16 @@ def hash_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _derived(unit: Unit) -> bool:
+    """A unit derived from a sibling, which is never itself a source (it may outlive its own).
+
+    A copy rewritten from upstream's bytes (a CEP-15 base_url made "") records a source too,
+    but keeps the upstream's validators: it is the upstream document, and a sound source. (One
+    from an upstream sending neither ETag nor Last-Modified looks derived, and is passed over.)
+    """
+    return unit.source is not None and unit.etag is None and unit.last_modified is None
+
+
 class Deriver:
     """Makes a missing variant from the best sibling upstream has."""
 
@@ -58,7 +68,7 @@ class Deriver:
             if src_key in fetcher.deriving:
                 continue  # never wait on another derivation: two missing variants would deadlock
             source = await fetcher.ensure(src_key, channel, derive=False)
-            if source is None or source.source is not None:
+            if source is None or _derived(source):
                 continue
             now = time.time()
             # Still made from the current source: as good as a 304.

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 from cachetools import TTLCache
 
-from condaproxy import altsource, repodata, shards, variants
+from condaproxy import altsource, baseurl, repodata, shards, variants
 from condaproxy.catalog import Catalog, Unit
 from condaproxy.config import ChannelConfig, Config
 from condaproxy.derive import Deriver, hash_file
@@ -39,7 +39,7 @@ from condaproxy.metrics import Metrics
 from condaproxy.paths import Kind, UnitKey
 from condaproxy.persist import PersistQueue
 from condaproxy.store import write_all
-from condaproxy.upstream import Upstream, Validators, passthrough_headers, redacted_url
+from condaproxy.upstream import Upstream, Validators, passthrough_headers
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class Fetcher:
         try:
             if (missing := self.not_found.get(key)) is not None:
                 raise missing  # known missing upstream: go straight to deriving it
-            resp, url = await self.upstream.open(channel, url, validators)  # url: redacted, as served
+            resp, url = await self._open(channel, key, url, validators)  # url: redacted, as served
         except UpstreamNotFound as exc:
             if derive:
                 await self._derive(dl, channel, cached, exc)
@@ -165,8 +165,27 @@ class Fetcher:
         finally:
             resp.release()
 
+    async def _open(
+        self, channel: ChannelConfig, key: UnitKey, url: str, validators: Validators | None
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        """upstream.open(url); a package missing there is looked for where its metadata says."""
+        try:
+            return await self.upstream.open(channel, url, validators)
+        except UpstreamNotFound:
+            if key.kind is not Kind.PACKAGE or self.expected is None:
+                raise
+            # On a cold cache (a lockfile install) the subdir's repodata may not be read yet, and
+            # it may name another base for packages (CEP-15): reading it records that base.
+            await self.expected(key, channel)
+            moved = await self._url(channel, key)
+            if moved == url:
+                raise
+            return await self.upstream.open(channel, moved, validators)
+
     async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
-        """Where a unit lives: its path on the channel's mirrors, or a URL its index named for shards."""
+        """Where a unit lives: its path on the channel's mirrors, or a URL its metadata named."""
+        if key.kind is Kind.PACKAGE and (base := await self.catalog.package_base(key.channel, key.subdir)):
+            return base + key.filename  # CEP-15 info.base_url
         if key.kind is Kind.SHARD:
             base = await self.catalog.shard_base(key.channel, key.subdir)
             if base is not None:
@@ -210,6 +229,10 @@ class Fetcher:
         body_path = dl.temp_path.with_name(dl.temp_path.name + ".raw") if buffered else dl.temp_path
         length = resp.content_length
         headers = passthrough_headers(resp.headers)
+        head = Head(headers, length)
+        # Repodata is held back until its head shows whether it names a foreign base (CEP-15).
+        hold = baseurl.Holdback.of(key, channel, headers, self.catalog)
+        buffered = buffered or hold is not None
         lookup: asyncio.Future[tuple[str, int | None] | None] | None = None
         want_size: int | None = None
         if key.kind is Kind.PACKAGE and self.expected is not None:
@@ -256,6 +279,8 @@ class Fetcher:
                     if want_size is not None and written > want_size:
                         raise IntegrityError(f"{key}: upstream sent more than the {want_size} bytes expected")
                     self.metrics.bytes_upstream.inc(len(chunk))
+                    if hold is not None and hold.pending:
+                        buffered, body_path = await hold.feed(dl, chunk, head, body_path)
                     if not buffered:
                         dl.publish(written, chunk, written if cap is None else min(written, cap))
                         if fd is None:
@@ -268,6 +293,8 @@ class Fetcher:
                 raise TruncatedError(f"upstream connection lost: {type(exc).__name__}") from exc
             if length is not None and written != length:
                 raise TruncatedError(f"upstream sent {written} of {length} bytes")
+            if hold is not None and hold.pending:  # a body shorter than the head needed
+                buffered, body_path = await hold.feed(dl, None, head, body_path)
             sha = hasher.hexdigest()
             verified = await self._verify(key, sha, written, lookup)
         except CondaproxyError as exc:
@@ -285,10 +312,11 @@ class Fetcher:
             key, url, sha, sha, written, headers, headers.get("ETag"), headers.get("Last-Modified"), now, now
         )
         if buffered:
+            prepare = self._prepare_index if hold is None else hold.prepare
             try:
-                unit = await self._prepare_index(unit, body_path, dl.temp_path)
-            except Exception as exc:  # a broken index must fail its readers, not crash the task
-                self._failed(dl, UpstreamUnavailable(f"unreadable shard index: {exc}"))
+                unit = await prepare(unit, body_path, dl.temp_path)
+            except Exception as exc:  # a body we cannot rewrite must fail its readers, not the task
+                self._failed(dl, UpstreamUnavailable(f"cannot rewrite {key.filename}: {exc}"))
                 return
             finally:
                 await loop.run_in_executor(None, lambda: body_path.unlink(missing_ok=True))
@@ -339,19 +367,20 @@ class Fetcher:
             log.warning("%s: a reader fell behind the unspooled download; it will be cut off", dl.key)
 
     async def _prepare_index(self, unit: Unit, raw: Path, out: Path) -> Unit:
-        """Rewrite an index naming a foreign shards base (CEP-16) so clients come back to us."""
+        """Rewrite an index naming foreign shard or package bases so clients come back to us."""
         loop = asyncio.get_running_loop()
         key = unit.key
-        base = await loop.run_in_executor(None, shards.rewrite_index, raw, out, unit.upstream_url)
-        if base is not None:
-            # Never a secret in the catalog or the log: open() puts a mirror's token back.
-            base = redacted_url(base)
+        # Bases come back redacted: open() puts a mirror's token back, nothing stores it.
+        base, packages = await loop.run_in_executor(None, shards.rewrite_index, raw, out, unit.upstream_url)
         await self.catalog.set_shard_base(key.channel, key.subdir, base)
-        if base is None:
+        if packages is not None:
+            # A shard-only client learns package locations from the index alone (CEP-16 + 15).
+            await self.catalog.set_package_base(key.channel, key.subdir, packages)
+        if base is None and packages is None:
             await loop.run_in_executor(None, os.replace, raw, out)
             return unit
         size, sha = await loop.run_in_executor(None, hash_file, out)
-        log.info("%s: shards live at %s; index rewritten to ./shards/", key, base)
+        log.info("%s: index rewritten (shards at %s, packages at %s)", key, base, packages)
         # Our bytes, our client-facing ETag; unit.etag stays the upstream's, for revalidation.
         headers = {**unit.headers, "ETag": f'"{sha[:32]}"'}
         return replace(unit, blob_key=sha, sha256=sha, size=size, headers=headers, source=unit.sha256)

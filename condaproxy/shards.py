@@ -14,14 +14,16 @@ from urllib.parse import urljoin, urlsplit
 import msgpack
 import zstandard
 
+from condaproxy.baseurl import foreign_base
 from condaproxy.repodata import unpack_zst_msgpack
+from condaproxy.upstream import redacted_url
 
 LOCAL_BASE = "./shards/"
 _PLAIN = {"./shards/", "shards/", "./shards", "shards"}
 
 
 def upstream_base(index_url: str, base: str) -> str | None:
-    """The absolute shards base an index names, or None when it is the plain ./shards/."""
+    """The shards base an index names, or None when it is our own relative ./shards/ layout."""
     if base in _PLAIN or not base:
         return None
     resolved = urljoin(index_url, base)
@@ -29,21 +31,33 @@ def upstream_base(index_url: str, base: str) -> str | None:
         raise ValueError(f"unsupported shards_base_url {base!r}")
     if not resolved.endswith("/"):
         resolved += "/"
-    # A relative base that lands on our own layout needs no mapping either.
-    if resolved == urljoin(index_url, LOCAL_BASE):
+    parts = urlsplit(base)
+    # Only a relative base landing on our own layout is left alone: a host or an absolute
+    # path - even one naming the very same place upstream - would send clients elsewhere.
+    if not (parts.scheme or parts.netloc or base.startswith("/")) and resolved == urljoin(
+        index_url, LOCAL_BASE
+    ):
         return None
-    return resolved
+    return redacted_url(resolved)
 
 
-def rewrite_index(src: Path, dst: Path, index_url: str) -> str | None:
-    """If src names a foreign shards base, write dst pointing at ./shards/ and return the base."""
+def rewrite_index(src: Path, dst: Path, index_url: str) -> tuple[str | None, str | None]:
+    """Point a foreign shards base at ./shards/ and a foreign package base (CEP-15) at "".
+
+    Returns (shards base, package base) as upstream named them, each None when it needed
+    no rewrite; dst is written only when one of them did.
+    """
     index = unpack_zst_msgpack(src)
     info = index.get("info") or {}
-    base = upstream_base(index_url, str(info.get("shards_base_url") or ""))
-    if base is None:
-        return None
-    info["shards_base_url"] = LOCAL_BASE
+    shards_base = upstream_base(index_url, str(info.get("shards_base_url") or ""))
+    package_base = foreign_base(index_url, str(info.get("base_url") or ""))
+    if shards_base is None and package_base is None:
+        return None, None
+    if shards_base is not None:
+        info["shards_base_url"] = LOCAL_BASE
+    if package_base is not None:
+        info["base_url"] = ""
     index["info"] = info
     packed = msgpack.packb(index, use_bin_type=True)
     dst.write_bytes(zstandard.ZstdCompressor(level=10).compress(packed))
-    return base
+    return shards_base, package_base

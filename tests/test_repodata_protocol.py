@@ -243,3 +243,68 @@ async def test_channel_level_files(
         assert resp.headers["Cache-Control"] == "public, max-age=7"
     await settle(proxy)
     assert (await proxy.get("/full/channeldata.json")).xcache == "HIT"
+
+
+async def test_index_naming_its_own_shards_by_absolute_url_is_still_rewritten(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    """An absolute URL to the very same place upstream still sends clients past the proxy."""
+    root = channel.shardless_copy(tmp_path / "selfabs")
+    for subdir in ("noarch", "linux-64"):
+        (root / subdir / "shards").mkdir()
+        for shard in (channel.path / subdir / "shards").iterdir():
+            (root / subdir / "shards" / shard.name).write_bytes(shard.read_bytes())
+        index = msgpack.unpackb(
+            unzstd((channel.path / subdir / "repodata_shards.msgpack.zst").read_bytes()), raw=False
+        )
+        index["info"]["shards_base_url"] = f"{upstream.url}/selfabs/{subdir}/shards/"
+        (root / subdir / "repodata_shards.msgpack.zst").write_bytes(
+            zstandard.ZstdCompressor().compress(msgpack.packb(index, use_bin_type=True))
+        )
+    upstream.mount("selfabs", root)
+    served = msgpack.unpackb(
+        unzstd((await proxy.get("/selfabs/noarch/repodata_shards.msgpack.zst")).body), raw=False
+    )
+    assert served["info"]["shards_base_url"] == "./shards/"
+    names = await solve_and_install(
+        f"{proxy.url}/selfabs", tmp_path / "env", tmp_path / "client", sharded=True
+    )
+    assert any(n.startswith("cp-extra-") for n in names)
+
+
+async def test_index_naming_a_foreign_package_base_is_rewritten_and_mapped(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    """A shard-only client learns package locations from the index's info.base_url (CEP-15)."""
+    pkghost = FakeUpstream()
+    await pkghost.start()
+    try:
+        root = tmp_path / "pkgbase"
+        for subdir in ("noarch", "linux-64"):
+            pkghost.mount(f"pkgs/{subdir}", channel.path / subdir)
+            (root / subdir / "shards").mkdir(parents=True)
+            for shard in (channel.path / subdir / "shards").iterdir():
+                (root / subdir / "shards" / shard.name).write_bytes(shard.read_bytes())
+            raw = (channel.path / subdir / "repodata_shards.msgpack.zst").read_bytes()
+            index = msgpack.unpackb(unzstd(raw), raw=False)
+            index["info"]["base_url"] = f"{pkghost.url}/pkgs/{subdir}/"
+            (root / subdir / "repodata_shards.msgpack.zst").write_bytes(
+                zstandard.ZstdCompressor().compress(msgpack.packb(index, use_bin_type=True))
+            )
+        upstream.mount("pkgbase", root)  # no packages here: they live on pkghost only
+        served = msgpack.unpackb(
+            unzstd((await proxy.get("/pkgbase/linux-64/repodata_shards.msgpack.zst")).body), raw=False
+        )
+        assert served["info"]["base_url"] == ""
+        names = await solve_and_install(
+            f"{proxy.url}/pkgbase", tmp_path / "env", tmp_path / "client", sharded=True
+        )
+        assert any(n.startswith("cp-extra-") for n in names)
+        assert pkghost.requests and all(
+            r.headers.get("User-Agent", "").startswith("condaproxy/") for r in pkghost.requests
+        )
+        await settle(proxy)
+        rows = check_invariants(proxy.config.cache.directory)
+        assert set(names) <= {f for _, _, f in rows}
+    finally:
+        await pkghost.close()
