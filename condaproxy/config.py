@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import configparser
 import ipaddress
-import math
-import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from urllib.parse import urlsplit
 
 import platformdirs
 import psutil  # psutil ships no type information
 
 from condaproxy.errors import ConfigError
+from condaproxy.inifile import Section, parse_ini
 from condaproxy.tls import TlsIdentity, TlsSetupError, build_context
 
 _CHANNEL_PREFIX = "channel:"
@@ -26,32 +23,7 @@ _CHANNEL_PREFIX = "channel:"
 # ".." can never be a segment; ".." is refused anywhere as well, as it means nothing
 # in a channel name and only invites path tricks upstream.
 _CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)*")
-# Mirrors in a channel's url are separated by whitespace and/or commas.
-_URL_SEPARATORS = re.compile(r"[\s,]+")
-# Unreserved URL characters (RFC 3986 2.3): a token must survive as one path segment unchanged.
-_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.1 token
-# Headers that frame or condition the upstream request: configuring them would break fetches.
-_RESERVED_HEADERS = frozenset(
-    {
-        *("host", "content-length", "transfer-encoding", "connection", "keep-alive", "te"),
-        *("trailer", "upgrade", "range", "if-range", "if-none-match", "if-modified-since"),
-        *("if-match", "if-unmodified-since", "accept-encoding", "user-agent"),
-    }
-)
 _TLS_KEYS = ("ca_bundle", "client_cert", "client_key")
-_SIZE = re.compile(r"([0-9]+)\s*([KMGTkmgt]?)")  # powers of 1024
-_PIN = re.compile(r"[A-Za-z0-9_+!*?\[\]][A-Za-z0-9._+!*?\[\]-]*")
-_BOOLEANS = {
-    "yes": True,
-    "true": True,
-    "on": True,
-    "1": True,
-    "no": False,
-    "false": False,
-    "off": False,
-    "0": False,
-}
 
 
 def _default_cache_dir() -> Path:
@@ -174,229 +146,6 @@ _KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Section:
-    """One section's raw values with typed getters whose errors name file, section and key."""
-
-    def __init__(self, file: str, name: str, values: Mapping[str, str]) -> None:
-        self.file = file
-        self.name = name
-        self.values = dict(values)
-
-    def error(self, key: str | None, message: str) -> ConfigError:
-        return ConfigError(self.file, self.name, key, message)
-
-    def check_keys(self, allowed: Sequence[str]) -> None:
-        for key in self.values:
-            if key not in allowed:
-                raise self.error(key, f"unknown key; allowed keys: {', '.join(allowed)}")
-
-    def get(self, key: str, *, secret: bool = False) -> str | None:
-        value = self.values.get(key)
-        if value is not None and "\n" in value:
-            # configparser joins indented lines onto the previous value.
-            shown = "" if secret else f": {value!r}"
-            raise self.error(key, f"value spans several lines (is the next line indented?){shown}")
-        return value
-
-    def integer(self, key: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-        raw = self.get(key)
-        if raw is None:
-            return default
-        wanted = f"an integer >= {minimum}"
-        if maximum is not None:
-            wanted = f"an integer from {minimum} to {maximum}"
-        # isdigit() alone would accept "²"; int() alone would accept "1_000" and "+5".
-        if not (raw.isascii() and raw.isdigit()):
-            raise self.error(key, f"expected {wanted}, got {raw!r}")
-        value = int(raw)
-        if value < minimum or (maximum is not None and value > maximum):
-            raise self.error(key, f"expected {wanted}, got {raw!r}")
-        return value
-
-    def seconds(self, key: str, default: float) -> float:
-        raw = self.get(key)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value > 0):
-            raise self.error(key, f"expected a positive number of seconds, got {raw!r}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        raw = self.get(key)
-        if raw is None:
-            return default
-        try:
-            return _BOOLEANS[raw.lower()]
-        except KeyError:
-            raise self.error(key, f"expected yes/no, true/false, on/off or 1/0, got {raw!r}") from None
-
-    def url(self, key: str, default: str | None) -> str:
-        raw = self.get(key)
-        if raw is None:
-            if default is None:
-                raise self.error(key, "missing; expected the channel's base URL")
-            return default
-        return self._checked_url(key, raw)
-
-    def urls(self, key: str) -> tuple[str, ...]:
-        # Not get(): a list of mirrors may go on over indented lines.
-        raw = self.values.get(key)
-        if raw is None:
-            raise self.error(key, "missing; expected the channel's base URL")
-        items = [item for item in _URL_SEPARATORS.split(raw) if item]
-        if not items:
-            raise self.error(key, "missing; expected the channel's base URL")
-        try:
-            return tuple(dict.fromkeys(self._checked_url(key, item) for item in items))  # drop repeats
-        except ConfigError as exc:
-            if "\n" not in raw:
-                raise
-            raise self.error(key, f"{exc.message} (is the next line indented?)") from None
-
-    def _checked_url(self, key: str, raw: str) -> str:
-        # Never echoed if it may hold a user and password: credentials have keys of their own.
-        shown = "" if "@" in raw else f", got {raw!r}"
-        try:
-            parts = urlsplit(raw)
-        except ValueError:
-            raise self.error(key, f"expected an http(s) URL with a host{shown}") from None
-        if "@" in parts.netloc:
-            message = "expected a URL without user or password; use [channel:NAME] token or header"
-            raise self.error(key, message)
-        try:
-            valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-            valid = valid and (parts.port is None or parts.port > 0)  # .port raises if not a number
-        except ValueError:
-            valid = False
-        if not valid:
-            raise self.error(key, f"expected an http(s) URL with a host{shown}")
-        if "?" in raw or "#" in raw or any(c.isspace() for c in raw):
-            # Units are addressed by appending paths, which a query or fragment would break.
-            raise self.error(key, f"expected a URL without query, fragment or spaces{shown}")
-        return raw.rstrip("/")
-
-    def interfaces(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        raw = self.get(key)
-        if raw is None:
-            return default
-        items = [item.strip() for item in raw.split(",")]
-        if not any(items):
-            raise self.error(key, "expected at least one interface name or IP address")
-        if not all(items):
-            raise self.error(key, f"empty item in comma-separated list {raw!r}")
-        return tuple(dict.fromkeys(items))  # drop repeats, keep order
-
-    def directory(self, key: str, base: Path) -> Path:
-        raw = self.get(key)
-        if raw is None:
-            return _default_cache_dir()
-        if not raw:
-            raise self.error(key, "expected a directory path")
-        # Relative to the config file, not to wherever the service happens to start.
-        return base / Path(raw).expanduser()
-
-    def size(self, key: str, default: int) -> int:
-        raw = self.get(key)
-        if raw is None:
-            return default
-        match = _SIZE.fullmatch(raw.strip())
-        if match is None:
-            raise self.error(key, f"expected a number of bytes, optionally with K, M, G or T, got {raw!r}")
-        exponent = " KMGT".index((match[2] or " ").upper())
-        return int(match[1]) << (10 * exponent)
-
-    def words(self, key: str) -> tuple[str, ...]:
-        raw = self.get(key)
-        items = tuple(dict.fromkeys(w for w in _URL_SEPARATORS.split(raw or "") if w))
-        for item in items:
-            if not _PIN.fullmatch(item):
-                raise self.error(key, f"expected package file names or globs such as numpy-*, got {item!r}")
-        return items
-
-    def existing_directory(self, key: str, base: Path) -> Path | None:
-        raw = self.get(key)
-        if raw is None:
-            return None
-        path = base / Path(raw).expanduser()  # relative to the config file, like directory
-        if not raw or not path.is_dir():
-            raise self.error(key, f"not a directory: {path}")
-        return path
-
-    def readable_file(self, key: str, base: Path) -> Path | None:
-        raw = self.get(key)
-        if raw is None:
-            return None
-        if not raw:
-            raise self.error(key, "expected a file path")
-        # Relative to the config file, like [cache] directory.
-        path = base / Path(raw).expanduser()
-        if not path.exists():
-            raise self.error(key, f"no such file: {path}")
-        if not path.is_file():
-            raise self.error(key, f"not a regular file: {path}")
-        if not os.access(path, os.R_OK):
-            raise self.error(key, f"not readable by this user: {path}")
-        return path
-
-    def token(self, key: str) -> str | None:
-        raw = self.get(key, secret=True)
-        if raw is None:
-            return None
-        # The token becomes a path segment (/t/<token>/); the value is never echoed.
-        if not _TOKEN.fullmatch(raw):
-            raise self.error(key, "expected letters, digits, '.', '_', '~' and '-' only (value not shown)")
-        return raw
-
-    def header(self, key: str) -> tuple[str, str] | None:
-        raw = self.get(key, secret=True)
-        if raw is None:
-            return None
-        name, colon, value = raw.partition(":")
-        name, value = name.strip(), value.strip()
-        if not colon or not _HEADER_NAME.fullmatch(name):
-            message = "expected 'Name: value', e.g. 'Authorization: Bearer ...' (value not shown)"
-            raise self.error(key, message)
-        if name.lower() in _RESERVED_HEADERS:
-            raise self.error(key, f"{name} is set by the proxy itself and cannot be configured")
-        if not value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise self.error(key, f"{name}: expected a non-empty value without control characters")
-        return name, value
-
-
-def _parse_ini(file: str, text: str) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(
-        interpolation=None,
-        inline_comment_prefixes=(";", "#"),
-        empty_lines_in_values=False,
-        # [DEFAULT] would silently leak its keys into every section; with the default
-        # section renamed to something unwritable, [DEFAULT] is merely an unknown section.
-        default_section="\0",
-    )
-    lines = text.splitlines()
-
-    def line(lineno: int) -> str:
-        return lines[lineno - 1].strip() if 0 < lineno <= len(lines) else ""
-
-    try:
-        parser.read_string(text, source=file)
-    except configparser.MissingSectionHeaderError as exc:
-        message = f"line {exc.lineno}: {line(exc.lineno)!r} comes before any [section]"
-        raise ConfigError(file, None, None, message) from None
-    except configparser.DuplicateSectionError as exc:
-        raise ConfigError(file, exc.section, None, f"line {exc.lineno}: section appears twice") from None
-    except configparser.DuplicateOptionError as exc:
-        raise ConfigError(file, exc.section, exc.option, f"line {exc.lineno}: key appears twice") from None
-    except configparser.ParsingError as exc:
-        lineno = exc.errors[0][0]
-        message = f"line {lineno}: expected 'key = value' or [section], got {line(lineno)!r}"
-        raise ConfigError(file, None, None, message) from None
-    return parser
-
-
 def load_config(path: Path | str) -> Config:
     """Read and validate an INI configuration file."""
     path = Path(path)
@@ -407,19 +156,19 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError(file, None, None, f"not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(file, None, None, f"cannot read: {exc.strerror or exc}") from None
-    parser = _parse_ini(file, text)
+    parser = parse_ini(file, text)
 
-    sections: dict[str, _Section] = {}
+    sections: dict[str, Section] = {}
     for name in parser.sections():
         kind = _CHANNEL_PREFIX if name.startswith(_CHANNEL_PREFIX) else name
         if kind not in _KEYS:
             message = "unknown section; expected [lazy], [cache], [upstream] or [channel:NAME]"
             raise ConfigError(file, name, None, message)
-        sections[name] = _Section(file, name, parser[name])
+        sections[name] = Section(file, name, parser[name])
         sections[name].check_keys(_KEYS[kind])
 
-    def section(name: str) -> _Section:
-        return sections.get(name) or _Section(file, name, {})
+    def section(name: str) -> Section:
+        return sections.get(name) or Section(file, name, {})
 
     lazy = _lazy(section("lazy"))
     cache = _cache(section("cache"), path.absolute().parent)
@@ -438,7 +187,7 @@ def default_config(directory: Path | None = None) -> Config:
     return Config(LazyConfig(), cache, UpstreamConfig())
 
 
-def _lazy(s: _Section) -> LazyConfig:
+def _lazy(s: Section) -> LazyConfig:
     d = LazyConfig()
     return LazyConfig(
         streamer_port=s.integer("streamer_port", d.streamer_port, minimum=1, maximum=65535),
@@ -447,10 +196,10 @@ def _lazy(s: _Section) -> LazyConfig:
     )
 
 
-def _cache(s: _Section, base: Path) -> CacheConfig:
+def _cache(s: Section, base: Path) -> CacheConfig:
     d = CacheConfig(directory=base)
     return CacheConfig(
-        directory=s.directory("directory", base),
+        directory=s.directory("directory", base, _default_cache_dir()),
         repodata_ttl=s.integer("repodata_ttl", d.repodata_ttl),
         negative_ttl=s.integer("negative_ttl", d.negative_ttl),
         max_stale=s.integer("max_stale", d.max_stale),
@@ -468,7 +217,7 @@ def _cache(s: _Section, base: Path) -> CacheConfig:
     )
 
 
-def _upstream(s: _Section) -> UpstreamConfig:
+def _upstream(s: Section) -> UpstreamConfig:
     d = UpstreamConfig()
     return UpstreamConfig(
         default=s.url("default", d.default),
@@ -479,7 +228,7 @@ def _upstream(s: _Section) -> UpstreamConfig:
     )
 
 
-def _channel(s: _Section, name: str, upstream: UpstreamConfig, base: Path) -> ChannelConfig:
+def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> ChannelConfig:
     if not is_channel_name(name):
         raise s.error(
             None,
