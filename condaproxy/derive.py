@@ -77,11 +77,16 @@ class Deriver:
                 dl.not_modified()
                 return True
             loop = asyncio.get_running_loop()
-            async with self._blob_file(source) as path:
-                await loop.run_in_executor(
-                    None, variants.transcode, path, name, dl.temp_path, key.filename
-                )
-            size, sha = await loop.run_in_executor(None, hash_file, dl.temp_path)
+            try:
+                async with self._blob_file(source) as path:
+                    await loop.run_in_executor(
+                        None, variants.transcode, path, name, dl.temp_path, key.filename
+                    )
+                size, sha = await loop.run_in_executor(None, hash_file, dl.temp_path)
+            except Exception as exc:  # an undecodable (or bomb) source: try the next, never crash
+                log.warning("cannot derive %s from %s: %s", key, name, exc)
+                await loop.run_in_executor(None, lambda: dl.temp_path.unlink(missing_ok=True))
+                continue
             headers = {"Content-Type": variants.content_type(key.filename), "ETag": f'"{sha[:32]}"'}
             if "Last-Modified" in source.headers:
                 headers["Last-Modified"] = source.headers["Last-Modified"]

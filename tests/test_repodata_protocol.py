@@ -308,3 +308,14 @@ async def test_index_naming_a_foreign_package_base_is_rewritten_and_mapped(
         assert set(names) <= {f for _, _, f in rows}
     finally:
         await pkghost.close()
+
+
+async def test_undecodable_source_fails_cleanly(proxy: Proxy, upstream: FakeUpstream, tmp_path: Path) -> None:
+    root = tmp_path / "brokenzst"
+    (root / "noarch").mkdir(parents=True)
+    (root / "noarch" / "repodata.json.zst").write_bytes(b"\x28\xb5\x2f\xfd this is not zstd at all")
+    upstream.mount("brokenzst", root)
+    resp = await proxy.get("/brokenzst/noarch/repodata.json")
+    assert resp.status == 404  # nothing it could be made from: as missing as it is upstream
+    await settle(proxy)
+    check_invariants(proxy.config.cache.directory)
