@@ -18,8 +18,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, cast
@@ -288,22 +287,6 @@ class Sniffer:
 # -- rewriting a held body -------------------------------------------------------------------------
 
 
-@contextmanager
-def _encoder(path: Path, filename: str) -> Iterator[IO[bytes]]:
-    """A writable stream that encodes into path as filename's suffix says (as variants does)."""
-    parts = variants.split(filename)
-    suffix = parts[1] if parts else ""
-    if suffix == ".zst":
-        with open(path, "wb") as raw, zstandard.ZstdCompressor(level=10, threads=-1).stream_writer(raw) as z:
-            yield cast(IO[bytes], z)
-    elif suffix == ".bz2":
-        with bz2.open(path, "wb", compresslevel=9) as b:
-            yield cast(IO[bytes], b)
-    else:
-        with open(path, "wb") as f:
-            yield f
-
-
 def _read_head(reader: IO[bytes]) -> bytes:
     parts = []
     size = 0
@@ -319,7 +302,7 @@ def rewrite(src: Path, dst: Path, filename: str) -> None:
     Only the head is decoded into memory; the rest is copied through in steps, so a
     repodata.json of hundreds of MB costs a few MB. Run it in an executor.
     """
-    with open_decoded(src, filename) as reader, _encoder(dst, filename) as writer:
+    with open_decoded(src, filename) as reader, variants.encoder(dst, filename) as writer:
         head = _read_head(reader)
         scan = _Head()
         scan.feed(head, final=len(head) < HEAD_LIMIT)

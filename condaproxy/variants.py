@@ -98,7 +98,7 @@ def accepted_codings(accept_encoding: str | None) -> list[str]:
 
 
 @contextmanager
-def _encoder(path: Path, filename: str) -> Iterator[IO[bytes]]:
+def encoder(path: Path, filename: str) -> Iterator[IO[bytes]]:
     """A writable stream that encodes into path as filename's suffix or coding says."""
     parts = split(filename)
     suffix, coding = (parts[1], parts[2]) if parts else ("", None)
@@ -119,5 +119,5 @@ def _encoder(path: Path, filename: str) -> Iterator[IO[bytes]]:
 def transcode(src: Path, src_name: str, dst: Path, dst_name: str) -> None:
     """Write dst (encoded as dst_name says) from src (decoded as src_name says), streaming."""
     name = src_name.partition("@")[0]
-    with open_decoded(src, name) as reader, _encoder(dst, dst_name) as writer:
+    with open_decoded(src, name) as reader, encoder(dst, dst_name) as writer:
         shutil.copyfileobj(reader, writer, _STEP)
