@@ -40,7 +40,7 @@ import rattler.index
 import rattler_build
 
 # Fixed build timestamp so package archives are reproducible across runs.
-BUILD_TIMESTAMP = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+BUILD_TIMESTAMP = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 MiB = 1024 * 1024
 SUBDIRS = ("noarch", "linux-64")
 REPODATA_FILES = ("repodata.json", "repodata.json.zst", "repodata_shards.msgpack.zst")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from proxy import Proxy, check_invariants, make_config
 from upstream import FakeUpstream
 

@@ -8,7 +8,6 @@ import sqlite3
 import time
 
 import aiohttp
-
 from channel import Channel
 from proxy import Proxy, ProxyProcess, check_invariants, free_port, make_config, write_config
 from upstream import FakeUpstream
@@ -68,10 +67,9 @@ async def test_kill_9_mid_download_then_restart_serves_whole_file(
         assert list((cache / "tmp").iterdir())
         proc = await ProxyProcess(config, port).start()
         check_invariants(cache)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(proc.url + path) as again:
-                body = await again.read()
-                assert again.status == 200 and again.headers["X-Cache"] == "MISS"
+        async with aiohttp.ClientSession() as session, session.get(proc.url + path) as again:
+            body = await again.read()
+            assert again.status == 200 and again.headers["X-Cache"] == "MISS"
         assert body == pkg.read_bytes()
         async with aiohttp.ClientSession() as session:
             for _ in range(50):

@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 
 import pytest
-
 from channel import Channel
 from proxy import Proxy
 from upstream import FakeUpstream

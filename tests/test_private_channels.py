@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from channel import Channel
 from proxy import Proxy, check_invariants, make_config
 from test_rattler_client import solve_and_install

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import rattler
-
 from channel import Channel
 from proxy import Proxy, check_invariants
 from upstream import FakeUpstream

@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import pytest
-
 from channel import Channel
 from proxy import Proxy, check_invariants
 from upstream import FakeUpstream

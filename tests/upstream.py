@@ -26,6 +26,7 @@ body length.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import fcntl
 import hashlib
@@ -418,7 +419,7 @@ class FakeUpstream:
         loop = asyncio.get_running_loop()
         started = loop.time()
         sent = 0
-        for position, _, fault in stops + [(total, 9, None)]:
+        for position, _, fault in [*stops, (total, 9, None)]:
             while sent < position:
                 piece = body[sent : min(position, sent + chunk)]
                 await response.write(piece)
@@ -651,8 +652,6 @@ def _abort(request: web.Request) -> None:
         return
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
     transport.abort()
