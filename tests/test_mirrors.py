@@ -249,3 +249,17 @@ def test_locate_maps_urls_back_onto_the_channel() -> None:
     # Another origin keeps whatever it was given: never our token.
     foreign = locate(ch, "https://cdn.example/t/<redacted>/private/x")
     assert isinstance(foreign, URL) and "tk" not in str(foreign)
+
+
+async def test_real_client_installs_with_the_first_mirror_down(
+    start, tmp_path: Path, second: FakeUpstream, channel: Channel
+) -> None:
+    from test_rattler_client import solve_and_install
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = await start(mirrored(tmp_path / "c", dead, second.url))
+    names = await solve_and_install(f"{proxy.url}{CH}", tmp_path / "env", tmp_path / "client", sharded=True)
+    assert any(n.startswith("cp-extra-") for n in names)
+    assert second.requests  # everything came from the mirror that answered
+    await proxy.idle()
+    assert set(names) <= {f for _, _, f in check_invariants(tmp_path / "c")}

@@ -319,3 +319,18 @@ async def test_undecodable_source_fails_cleanly(proxy: Proxy, upstream: FakeUpst
     assert resp.status == 404  # nothing it could be made from: as missing as it is upstream
     await settle(proxy)
     check_invariants(proxy.config.cache.directory)
+
+
+async def test_real_client_on_a_json_only_channel(
+    proxy: Proxy, upstream: FakeUpstream, json_only: Path, tmp_path: Path
+) -> None:
+    """rattler probes .zst first: it gets one made from .json, and installs."""
+    names = await solve_and_install(
+        f"{proxy.url}/jsononly", tmp_path / "env", tmp_path / "client", sharded=False
+    )
+    assert any(n.startswith("cp-extra-") for n in names)
+    asked = [r for r in upstream.requests if r.path.endswith("repodata.json.zst")]
+    assert asked, "the client's .zst request reached the upstream once, as a probe"
+    assert upstream.count("/jsononly/noarch/repodata.json") == 1
+    await settle(proxy)
+    check_invariants(proxy.config.cache.directory)

@@ -339,3 +339,32 @@ def test_build_context_names_the_setting_at_fault(tmp_path: Path, pki: Pki) -> N
     with pytest.raises(TlsSetupError) as info:
         build_context(TlsIdentity(None, pki.cert_file, pki.other_key_file))
     assert info.value.key == "client_key"
+
+
+async def test_real_client_installs_through_a_client_certificate_upstream(
+    tmp_path: Path, https_upstream: FakeUpstream, channel: Channel, pki: Pki
+) -> None:
+    from test_rattler_client import solve_and_install
+
+    config = ini_config(
+        tmp_path,
+        {
+            "testchan": {
+                "url": f"{https_upstream.url}/testchan",
+                "ca_bundle": str(pki.ca_file),
+                "client_cert": str(pki.cert_file),
+                "client_key": str(pki.key_file),
+            }
+        },
+    )
+    proxy = await started(config)
+    try:
+        # The client speaks plain http to the proxy and needs no certificate of its own.
+        names = await solve_and_install(
+            f"{proxy.url}{CH}", tmp_path / "env", tmp_path / "client", sharded=True
+        )
+        assert any(n.startswith("cp-extra-") for n in names)
+        await proxy.idle()
+        assert set(names) <= {f for _, _, f in check_invariants(config.cache.directory)}
+    finally:
+        await proxy.close()
