@@ -151,11 +151,12 @@ class Fetcher:
         try:
             if resp.status == 304 and cached is not None:
                 headers = passthrough_headers(resp.headers)
-                if await self.catalog.revalidated(cached, headers, time.time()) is None:
-                    self._failed(dl, UpstreamUnavailable("cached copy changed during revalidation"))
+                if await self.catalog.revalidated(cached, headers, time.time()) is not None:
+                    dl.not_modified()
                     return
-                dl.not_modified()
-                return
+                # The cached copy went away meanwhile (evicted, replaced): fetch it whole.
+                resp.release()
+                resp, url = await self._open(channel, key, url, None)
             if resp.status == 304:
                 self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
                 return

@@ -77,7 +77,9 @@ async def test_multi_and_garbage_ranges_give_whole_file(proxy: Proxy, channel: C
 
 
 @pytest.mark.parametrize("warm_first", [True, False])
-async def test_head_cold_and_warm(proxy: Proxy, upstream: FakeUpstream, channel: Channel, warm_first: bool) -> None:
+async def test_head_cold_and_warm(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, warm_first: bool
+) -> None:
     pkg = channel.by_name("cp-data")
     path = f"{CH}/{pkg.url_path}"
     if warm_first:
@@ -114,9 +116,7 @@ async def test_repodata_fresh_within_ttl_then_revalidated(proxy_factory, upstrea
     assert upstream.count(path) == 2
 
 
-async def test_changed_repodata_replaces_cached_copy(
-    proxy_factory, upstream: FakeUpstream, tmp_path
-) -> None:
+async def test_changed_repodata_replaces_cached_copy(proxy_factory, upstream: FakeUpstream, tmp_path) -> None:
     proxy = await proxy_factory(repodata_ttl=1)
     path = f"{CH}/noarch/current_repodata.json"
     upstream.replace(path, b'{"packages": {}, "info": {"subdir": "noarch"}}', "application/json")
@@ -184,3 +184,27 @@ async def test_package_without_shards_verified_from_repodata(
     await proxy.idle()
     assert (await proxy.get(f"/noshards/{pkg.url_path}")).xcache == "HIT"
     assert upstream.count(f"/noshards/{pkg.subdir}/repodata.json.zst") == 1
+
+
+async def test_unit_evicted_during_revalidation_is_fetched_whole(
+    proxy_factory, upstream: FakeUpstream
+) -> None:
+    from condaproxy.paths import Request, parse_path
+
+    proxy = await proxy_factory(repodata_ttl=1)
+    path = f"{CH}/noarch/repodata.json"
+    body = await warm(proxy, path)
+    await asyncio.sleep(1.2)
+    hold = upstream.hold_headers(path, times=1)
+    pending = asyncio.ensure_future(proxy.get(path))
+    await asyncio.wait_for(hold.reached.wait(), 10)
+    parsed = parse_path(path)
+    assert isinstance(parsed, Request)
+    orphan = await proxy.services.catalog.remove(parsed.key)  # as the evictor would
+    if orphan is not None:
+        await proxy.services.store.delete(orphan)
+    hold.release()
+    resp = await asyncio.wait_for(pending, 10)
+    assert resp.status == 200 and resp.error is None and resp.body == body
+    await proxy.idle()
+    assert (await proxy.get(path)).xcache == "HIT"
