@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiosqlite
 from cachetools import LRUCache
@@ -24,6 +24,10 @@ from condaproxy.paths import Kind, UnitKey
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
+# Write transactions take the write lock when they begin. A deferred one (sqlite3's default)
+# starts on a read snapshot, and if another connection - the digest learner's - commits while
+# it waits for the lock, WAL answers SQLITE_BUSY_SNAPSHOT at once, whatever the busy timeout.
+WRITE_TRANSACTIONS: Final = "IMMEDIATE"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS units (
@@ -119,7 +123,7 @@ def _unit(row: sqlite3.Row) -> Unit:
 
 def connect_sync(path: Path) -> sqlite3.Connection:
     """A plain sqlite3 connection for work done in executor threads (digest learning)."""
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=WRITE_TRANSACTIONS)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
@@ -142,7 +146,7 @@ class Catalog:
     @classmethod
     async def open(cls, path: Path) -> Catalog:
         """Open (creating or migrating) the catalog at path."""
-        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=WRITE_TRANSACTIONS)
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from condaproxy.catalog import BUSY_TIMEOUT_MS
+from condaproxy.catalog import BUSY_TIMEOUT_MS, WRITE_TRANSACTIONS
 from condaproxy.store import check_key
 
 _STEP = 1 << 20
@@ -87,7 +87,12 @@ def verify(cache_dir: Path, say: Callable[[str], None] = print) -> Report:
         return report
     blobs = cache_dir / "blobs"
     # mode=rw: never create a catalog where there was none (a mistyped directory).
-    db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    db = sqlite3.connect(
+        f"file:{db_path}?mode=rw",
+        uri=True,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        isolation_level=WRITE_TRANSACTIONS,
+    )
     try:
         rows = db.execute("SELECT channel, subdir, filename, blob_key, sha256, size FROM units").fetchall()
         by_blob: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
