@@ -27,6 +27,7 @@ BUSY_TIMEOUT_MS = 5000
 # Rows kept in memory for hot look-ups. A row costs ~2 KB (its headers): 10,000 bound the
 # cache to ~20 MB, where 50,000 let a 10-minute soak over thousands of channels grow by 89 MB.
 HOT_ROWS = 10_000
+WRITE_ATTEMPTS = 4
 # Write transactions take the write lock when they begin. A deferred one (sqlite3's default)
 # starts on a read snapshot, and if another connection - the digest learner's - commits while
 # it waits for the lock, WAL answers SQLITE_BUSY_SNAPSHOT at once, whatever the busy timeout.
@@ -127,7 +128,8 @@ def _unit(row: sqlite3.Row) -> Unit:
 def connect_sync(path: Path) -> sqlite3.Connection:
     """A plain sqlite3 connection for work done in executor threads (digest learning)."""
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=WRITE_TRANSACTIONS)
-    conn.execute("PRAGMA journal_mode=WAL")
+    # No journal_mode pragma here: WAL is a property of the file (set once by Catalog.open),
+    # and asking for it again on every connection needlessly takes locks of its own.
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
 
@@ -203,16 +205,30 @@ class Catalog:
         return unit
 
     async def _write(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        """One statement in its own transaction; rolled back if it or its commit fails."""
-        try:
-            rows = await self._execute(sql, params)
-            await self._db.commit()
-        except BaseException:
-            # SQLite may leave the transaction open after SQLITE_BUSY or SQLITE_FULL: close it,
-            # or this connection's next statements would join a transaction that cannot commit.
-            await asyncio.shield(self._db.rollback())
-            raise
-        return rows
+        """One statement in its own transaction; rolled back if it or its commit fails.
+
+        A lock conflict SQLite reports without waiting out its busy timeout is tried again a
+        few times (bounded) before it becomes CatalogBusy.
+        """
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                rows = await self._execute(sql, params)
+                try:
+                    await self._db.commit()
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    raise CatalogBusy(str(exc)) from exc
+            except BaseException as exc:
+                # SQLite may leave the transaction open after SQLITE_BUSY or SQLITE_FULL: close it,
+                # or this connection's next statements would join a transaction that cannot commit.
+                await asyncio.shield(self._db.rollback())
+                if not isinstance(exc, CatalogBusy) or attempt + 1 == WRITE_ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            return rows
+        raise AssertionError("unreachable")
 
     async def begin_put(self, blob_key: str) -> None:
         """Record the intent to put a blob, before it is written into the store."""
@@ -346,6 +362,8 @@ class Catalog:
 
     async def set_shard_base(self, channel: str, subdir: str, base_url: str | None) -> None:
         """Remember (or forget) the absolute shards_base_url an upstream index names."""
+        if await self.shard_base(channel, subdir) == base_url:
+            return  # the usual case (no mapping, none wanted): no write, no lock to wait for
         if base_url is None:
             await self._execute("DELETE FROM shard_bases WHERE channel=? AND subdir=?", (channel, subdir))
         else:
@@ -363,6 +381,8 @@ class Catalog:
 
     async def set_package_base(self, channel: str, subdir: str, base_url: str | None) -> None:
         """Remember (or forget) the absolute CEP-15 info.base_url a subdir's repodata names."""
+        if await self.package_base(channel, subdir) == base_url:
+            return  # the usual case (no mapping, none wanted): no write, no lock to wait for
         if base_url is None:
             await self._write("DELETE FROM package_bases WHERE channel=? AND subdir=?", (channel, subdir))
         else:
