@@ -106,6 +106,14 @@ def ini_config(tmp_path: Path, channels: dict[str, dict[str, str]]) -> Config:
     return load_config(path)
 
 
+def certified_config(tmp_path: Path, upstream: FakeUpstream, pki: Pki) -> Config:
+    """testchan from the https upstream, trusting the test CA and presenting its client certificate."""
+    keys = {"ca_bundle": pki.ca_file, "client_cert": pki.cert_file, "client_key": pki.key_file}
+    return ini_config(
+        tmp_path, {"testchan": {"url": f"{upstream.url}/testchan", **{k: str(v) for k, v in keys.items()}}}
+    )
+
+
 async def started(config: Config) -> Proxy:
     return await Proxy(config).start()
 
@@ -116,17 +124,7 @@ async def started(config: Config) -> Proxy:
 async def test_ca_bundle_and_client_certificate_serve_and_cache(
     tmp_path: Path, https_upstream: FakeUpstream, channel: Channel, pki: Pki
 ) -> None:
-    config = ini_config(
-        tmp_path,
-        {
-            "testchan": {
-                "url": f"{https_upstream.url}/testchan",
-                "ca_bundle": str(pki.ca_file),
-                "client_cert": str(pki.cert_file),
-                "client_key": str(pki.key_file),
-            }
-        },
-    )
+    config = certified_config(tmp_path, https_upstream, pki)
     proxy = await started(config)
     try:
         pkg = channel.by_name("cp-app")
@@ -346,17 +344,7 @@ async def test_real_client_installs_through_a_client_certificate_upstream(
 ) -> None:
     from test_rattler_client import solve_and_install
 
-    config = ini_config(
-        tmp_path,
-        {
-            "testchan": {
-                "url": f"{https_upstream.url}/testchan",
-                "ca_bundle": str(pki.ca_file),
-                "client_cert": str(pki.cert_file),
-                "client_key": str(pki.key_file),
-            }
-        },
-    )
+    config = certified_config(tmp_path, https_upstream, pki)
     proxy = await started(config)
     try:
         # The client speaks plain http to the proxy and needs no certificate of its own.
