@@ -1,78 +1,43 @@
-"""create_app(config): routes, and the cleanup context that owns every long-lived part."""
+"""create_app(config): the wiring of every part, the routes, and the cleanup context that owns them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import shutil
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.typedefs import Handler
 
-from condaproxy.accesslog import AccessLogger
-from condaproxy.auth import ClientAuth
-from condaproxy.catalog import Catalog
-from condaproxy.config import Config, bind_addresses
-from condaproxy.derive import Deriver
-from condaproxy.digests import DigestResolver
-from condaproxy.evict import Evictor
-from condaproxy.fetch import Fetcher
-from condaproxy.inflight import InflightTable
-from condaproxy.metrics import CONTENT_TYPE_LATEST, Metrics
-from condaproxy.persist import PersistQueue
-from condaproxy.scrub import Scrubber
-from condaproxy.services import SERVICES, Services
+from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.derive import Deriver
+from condaproxy.cache.download import Fetcher
+from condaproxy.cache.evict import Evictor
+from condaproxy.cache.expected import DigestResolver
+from condaproxy.cache.housekeeping import flush_touches_forever, reset_temp_dir, sweep
+from condaproxy.cache.inflight import InflightTable
+from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.scrub import Scrubber
+from condaproxy.config.interfaces import bind_addresses
+from condaproxy.config.model import Config
+from condaproxy.http.accesslog import AccessLogger, QuietMalformedRequests
+from condaproxy.http.guards import read_only
+from condaproxy.http.handlers import handle
+from condaproxy.http.probes import healthz, metrics_view
+from condaproxy.http.services import SERVICES, Services
+from condaproxy.metrics import Metrics
 from condaproxy.store.filesystem import FilesystemStore
-from condaproxy.streamer import handle
+from condaproxy.upstream.admission import ClientAuth
 
 log = logging.getLogger(__name__)
 
-TOUCH_FLUSH_INTERVAL = 5.0
 # Seconds a client may take to send a complete request head, and may stay idle between
 # requests on a keep-alive connection (nginx: client_header_timeout 60s, keepalive_timeout 75s;
 # shorter here because nothing else stands between the proxy and slow or idle clients).
 CLIENT_TIMEOUT = 15.0
 MAX_HEADERS = 100
-
-
-def _reset_temp_dir(temp: Path) -> None:
-    # Temp files are never valid after a restart: their downloads died with the process.
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir(parents=True)
-
-
-async def _sweep(catalog: Catalog, store: FilesystemStore) -> None:
-    """Delete what a crash can leave in the store: blobs no committed row references.
-
-    Pending puts are the usual case; a kill between committing a row that replaced (or
-    dropped) a blob and deleting the old blob leaves one too, unmarked, so every key is checked.
-    """
-    for key in await catalog.pending_orphans():
-        log.info("sweeping blob %s left by an interrupted persist", key)
-        await store.delete(key)
-    referenced = await catalog.referenced_blobs()
-    async for key in store.keys():
-        if key not in referenced:
-            log.info("sweeping blob %s that no catalog row references", key)
-            await store.delete(key)
-    for name in await store.remove_partials():
-        log.info("swept %s, a partial copy left by an interrupted put", name)
-
-
-async def _flush_touches(catalog: Catalog) -> None:
-    while True:
-        await asyncio.sleep(TOUCH_FLUSH_INTERVAL)
-        try:
-            await catalog.flush_touches()
-        except Exception as exc:  # statistics only: never worth dying for
-            log.warning("could not record access statistics: %s", exc)
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -81,13 +46,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     temp = root / "tmp"
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: root.mkdir(parents=True, exist_ok=True))
-    await loop.run_in_executor(None, _reset_temp_dir, temp)
+    await loop.run_in_executor(None, reset_temp_dir, temp)
     store = FilesystemStore(root / "blobs")
     catalog = await Catalog.open(root / "catalog.sqlite3")
-    await _sweep(catalog, store)
+    await sweep(catalog, store)
     metrics = Metrics()
     # Imported here: the upstream session must be created inside the running loop.
-    from condaproxy.upstream import Upstream
+    from condaproxy.upstream.client import Upstream
 
     upstream = Upstream()
     persist = PersistQueue(store, catalog, metrics, config.cache.persist_workers)
@@ -97,11 +62,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     resolver = DigestResolver(catalog, store, fetcher, temp)
     fetcher.expected = resolver
-    fetcher.deriver = Deriver(fetcher, resolver.blob_file)
+    fetcher.deriver = Deriver(
+        lambda key, channel: fetcher.ensure(key, channel, derive=False), catalog, persist, resolver.blob_file
+    )
     metrics.inflight.set_function(lambda: len(inflight))
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
     app[SERVICES] = Services(config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth)
-    flusher = loop.create_task(_flush_touches(catalog), name="flush-touches")
+    flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     app[EVICTOR] = evictor = Evictor(config.cache, catalog, store, inflight)
     if config.cache.max_size:
         evictor.start()
@@ -124,43 +91,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: answers from the event loop, so a slow answer means a blocked loop."""
-    return web.Response(text="ok\n", headers={"Cache-Control": "no-store", "X-Cache": "MISS"})
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
-    body = request.app[SERVICES].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Cache": "MISS"})
-
-
 CONFIG = web.AppKey("config", Config)
 EVICTOR = web.AppKey("evictor", Evictor)
-
-
-def _refuse(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
-    resp = web.Response(
-        status=status,
-        text=reason + "\n",
-        headers={"X-Cache": "MISS", "Cache-Control": "no-store", **(headers or {})},
-    )
-    # The unread body may hide a smuggled request: this connection serves nothing more.
-    resp.force_close()
-    return resp
-
-
-@web.middleware
-async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Only GET and HEAD without a body exist here: anything else is refused before routing."""
-    if request.method not in ("GET", "HEAD"):
-        # CONNECT, OPTIONS * and writes; never an outbound connection.
-        return _refuse(405, "only GET and HEAD are supported", {"Allow": "GET, HEAD"})
-    if request.body_exists:
-        # RFC 9110 9.3.1: a GET body has no meaning, and is where request smuggling hides a
-        # second request behind a front proxy that frames it differently. Never read it.
-        return _refuse(400, "requests with a body are not accepted")
-    return await handler(request)
 
 
 def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web.Application:
@@ -194,25 +126,6 @@ def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web
 def server_options() -> dict[str, Any]:
     """Options for the aiohttp server around the app: the redacting access log."""
     return {"access_log": logging.getLogger("condaproxy.access"), "access_log_class": AccessLogger}
-
-
-class QuietMalformedRequests(logging.Filter):
-    """aiohttp logs a malformed request as an error whose traceback quotes the request's bytes:
-    tokens in /t/<token>/ paths, Authorization values (rule 9), and a flood of tracebacks
-    under attack. Such a record becomes one line naming the parser's complaint, not its input.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite records about HttpProcessingError; let every other record through."""
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg = "refused a malformed request from %s: %s"
-            record.args = (remote, type(exc).__name__)
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
 
 
 def run(config: Config) -> None:

@@ -8,7 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from condaproxy import __version__
-from condaproxy.config import Config, bind_addresses, default_config, load_config
+from condaproxy.config.interfaces import bind_addresses
+from condaproxy.config.load import default_config, load_config
+from condaproxy.config.model import Config
 from condaproxy.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -85,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
-    from condaproxy.verify import verify
+    from condaproxy.cache.verify import verify
 
     report = verify(config.cache.directory)
     # 1 tells scripts that something was damaged (and is now gone), 0 that all was intact.

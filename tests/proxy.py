@@ -23,8 +23,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from condaproxy.app import create_app, server_options
-from condaproxy.config import CacheConfig, Config, LazyConfig, UpstreamConfig
-from condaproxy.services import SERVICES, Services
+from condaproxy.config.model import CacheConfig, Config, LazyConfig, UpstreamConfig
+from condaproxy.http.services import SERVICES, Services
 
 
 def make_config(cache_dir: Path, upstream_url: str, **cache: Any) -> Config:

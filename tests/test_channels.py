@@ -15,7 +15,8 @@ from proxy import Proxy, check_invariants, make_config
 from test_rattler_client import solve_and_install
 from upstream import FakeUpstream
 
-from condaproxy.config import ChannelConfig, Config, load_config
+from condaproxy.config.load import load_config
+from condaproxy.config.model import ChannelConfig, Config
 
 DEV_BASE = b"the dev label's own cp-base build\n" * 100
 

@@ -35,8 +35,8 @@ from proxy import (
 )
 from upstream import FakeUpstream
 
-from condaproxy.config import ChannelConfig
-from condaproxy.paths import Request, UnitKey, parse_path
+from condaproxy.conda.paths import Request, UnitKey, parse_path
+from condaproxy.config.model import ChannelConfig
 
 CH = "/testchan"
 KILLPOINT = Path(__file__).with_name("killpoint.py")

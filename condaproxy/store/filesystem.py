@@ -9,17 +9,10 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from condaproxy.store import check_key
+from condaproxy.store.blobstore import check_key
+from condaproxy.store.files import fsync_dir
 
 CHUNK = 256 * 1024
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FilesystemStore:
@@ -51,7 +44,7 @@ class FilesystemStore:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
             self._install(src, final, link=False)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     @staticmethod
     def _install(src: Path, final: Path, *, link: bool) -> None:

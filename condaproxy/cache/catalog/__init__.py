@@ -1,0 +1,1 @@
+"""The unit catalog (SQLite): unit rows, learned digests and bases, eviction queries."""

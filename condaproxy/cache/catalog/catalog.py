@@ -1,0 +1,24 @@
+"""The unit catalog: SQLite (WAL) rows saying which units are complete in the blob store.
+
+One connection, reached through a small class per job: unit rows, learned metadata, eviction.
+"""
+
+from __future__ import annotations
+
+from condaproxy.cache.catalog.eviction import EvictionRows
+from condaproxy.cache.catalog.learned import LearnedRows
+from condaproxy.cache.catalog.unit_rows import UnitRows
+
+
+class Catalog(UnitRows, LearnedRows, EvictionRows):
+    """Async access to the catalog; the only writer of unit rows."""
+
+    async def close(self) -> None:
+        """Flush access statistics and close; safe to call twice."""
+        if self._db is None:
+            return
+        try:
+            await self.flush_touches()
+        finally:
+            db, self._db = self._db, None  # type: ignore[assignment]
+            await db.close()

@@ -1,0 +1,111 @@
+"""Derived units: a repodata variant upstream lacks, made from one it has, kept in step.
+
+A derivation runs as the body of an ordinary download (same lock table entry, same readers,
+same persist step), so it happens once however many clients ask. A derived unit records the
+blob it was made from; when that source changes, the derived unit is made again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.inflight import Download, Head
+from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.unit import Unit
+from condaproxy.conda import variants
+from condaproxy.conda.paths import Kind, UnitKey
+from condaproxy.config.model import ChannelConfig
+from condaproxy.store.files import hash_file
+
+log = logging.getLogger(__name__)
+
+BlobFile = Callable[[Unit], AbstractAsyncContextManager[Path]]
+# The unit complete and fresh, fetched if need be but never itself derived; None if unavailable.
+Ensure = Callable[[UnitKey, ChannelConfig], Awaitable[Unit | None]]
+
+
+def _derived(unit: Unit) -> bool:
+    """A unit derived from a sibling, which is never itself a source (it may outlive its own).
+
+    A copy rewritten from upstream's bytes (a CEP-15 base_url made "") records a source too,
+    but keeps the upstream's validators: it is the upstream document, and a sound source. (One
+    from an upstream sending neither ETag nor Last-Modified looks derived, and is passed over.)
+    """
+    return unit.source is not None and unit.etag is None and unit.last_modified is None
+
+
+class Deriver:
+    """Makes a missing variant from the best sibling upstream has."""
+
+    def __init__(self, ensure: Ensure, catalog: Catalog, persist: PersistQueue, blob_file: BlobFile) -> None:
+        self._ensure = ensure
+        self._catalog = catalog
+        self._persist = persist
+        self._blob_file = blob_file
+        self.deriving: set[UnitKey] = set()
+
+    async def derive(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> bool:
+        """Fill dl from a sibling variant; False when no sibling exists upstream."""
+        self.deriving.add(dl.key)
+        try:
+            return await self._derive(dl, channel, cached)
+        finally:
+            self.deriving.discard(dl.key)
+
+    async def _derive(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> bool:
+        key = dl.key
+        for name in variants.sources(key.filename):
+            src_key = UnitKey(key.channel, key.subdir, name, Kind.REPODATA)
+            if src_key in self.deriving:
+                continue  # never wait on another derivation: two missing variants would deadlock
+            source = await self._ensure(src_key, channel)
+            if source is None or _derived(source):
+                continue
+            now = time.time()
+            # Still made from the current source: as good as a 304.
+            in_step = cached is not None and cached.source == source.blob_key
+            if in_step and cached and await self._catalog.revalidated(cached, {}, now) is not None:
+                dl.not_modified()
+                return True
+            loop = asyncio.get_running_loop()
+            try:
+                async with self._blob_file(source) as path:
+                    await loop.run_in_executor(
+                        None, variants.transcode, path, name, dl.temp_path, key.filename
+                    )
+                size, sha = await loop.run_in_executor(None, hash_file, dl.temp_path)
+            except Exception as exc:  # an undecodable (or bomb) source: try the next, never crash
+                log.warning("cannot derive %s from %s: %s", key, name, exc)
+                await loop.run_in_executor(None, lambda: dl.temp_path.unlink(missing_ok=True))
+                continue
+            headers = {"Content-Type": variants.content_type(key.filename), "ETag": f'"{sha[:32]}"'}
+            if "Last-Modified" in source.headers:
+                headers["Last-Modified"] = source.headers["Last-Modified"]
+            dl.start_body(Head(headers, size))
+            dl.finish(size, sha)
+            unit = Unit(
+                key,
+                source.upstream_url,
+                sha,
+                sha,
+                size,
+                headers,
+                None,
+                None,
+                now,
+                now,
+                source=source.blob_key,
+            )
+            log.info("derived %s from %s", key, name)
+            # A failed persist is counted and logged by the queue; readers already have the bytes.
+            with contextlib.suppress(Exception):
+                await self._persist.persist(unit, dl.temp_path)
+            return True
+        return False

@@ -1,0 +1,226 @@
+"""The download task: where a unit comes from, and what happens once its bytes are in.
+
+One task per unit, started through the lock table and owned by it, never by a request. It
+finds the unit (alternate source, derivation, upstream and its mirrors, a base the metadata
+named), has the body received (transfer.py), then persists and learns from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import aiohttp
+from cachetools import TTLCache
+
+from condaproxy.cache import altsource, learning
+from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.derive import Deriver
+from condaproxy.cache.freshness import Verdict, verdict
+from condaproxy.cache.inflight import Download, InflightTable
+from condaproxy.cache.integrity import ExpectedLookup
+from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.transfer import Receiver
+from condaproxy.cache.unit import Unit
+from condaproxy.conda import variants
+from condaproxy.conda.paths import Kind, UnitKey
+from condaproxy.config.model import ChannelConfig, Config
+from condaproxy.errors import (
+    CondaproxyError,
+    IntegrityError,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+)
+from condaproxy.metrics import Metrics
+from condaproxy.upstream.client import Upstream, Validators
+from condaproxy.upstream.headers import passthrough_headers
+
+log = logging.getLogger(__name__)
+
+
+class Fetcher:
+    """Starts and runs downloads; the only code that talks to upstreams for units."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        catalog: Catalog,
+        upstream: Upstream,
+        persist: PersistQueue,
+        inflight: InflightTable,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.upstream = upstream
+        self.persist = persist
+        self.inflight = inflight
+        self.metrics = metrics
+        self.expected: ExpectedLookup | None = None  # set by the app (expected.DigestResolver)
+        self.deriver: Deriver | None = None  # set by the app
+        self._receiver = Receiver(catalog, metrics, self._failed)
+        # Upstream 404s are remembered briefly, never for long (the file may appear soon).
+        self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
+            maxsize=65536, ttl=max(config.cache.negative_ttl, 0.001)
+        )
+        # A URL that served bytes not matching the channel's metadata is not retried at once.
+        self.cooldown: TTLCache[UnitKey, IntegrityError] = TTLCache(
+            maxsize=4096, ttl=max(config.cache.integrity_cooldown, 0.001)
+        )
+
+    def start(
+        self, key: UnitKey, channel: ChannelConfig, cached: Unit | None, *, derive: bool = True
+    ) -> Download:
+        """Start the one download of key (the caller checked none is in flight).
+
+        derive=False: never make a missing variant from a sibling (used for derivation sources).
+        """
+        derivable = derive and bool(variants.sources(key.filename))
+        if (err := self.not_found.get(key)) is not None and cached is None and not derivable:
+            raise err
+        if (bad := self.cooldown.get(key)) is not None:
+            raise bad
+        self.metrics.upstream_fetches.labels(key.kind.value).inc()
+        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable))
+
+    async def ensure(self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True) -> Unit | None:
+        """The unit, complete in the store and fresh, fetching it if need be; None if unavailable.
+
+        A download in flight is waited for to its very end (persisted and learned from),
+        even when the catalog already shows its row.
+        """
+        dl = self.inflight.get(key)
+        if dl is None:
+            unit = await self.catalog.get(key)
+            if verdict(unit, time.time(), self.config) is Verdict.HIT:
+                return unit
+            dl = self.inflight.get(key)
+            if dl is None:
+                try:
+                    dl = self.start(key, channel, unit, derive=derive)
+                except CondaproxyError:
+                    return unit
+        assert dl.task is not None
+        # Shielded: a caller giving up must not cancel a download others may share.
+        await asyncio.shield(dl.task)
+        return await self.catalog.get(key)
+
+    async def learn_from(self, key: UnitKey, path: Path) -> None:
+        """Record the package digests that a repodata file or shard at path states."""
+        await self._learn(key, path)
+
+    async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool) -> None:
+        key = dl.key
+        if key.kind is Kind.PACKAGE and await altsource.serve(dl, channel, self.expected, self.persist):
+            return  # a verified copy from the channel's alternate source: no upstream fetch
+        if variants.is_internal(key.filename):
+            # A content-coded representation exists only here: always derived, never fetched.
+            await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"))
+            return
+        url = await self._url(channel, key)
+        validators = Validators(cached.etag, cached.last_modified) if cached else None
+        try:
+            if (missing := self.not_found.get(key)) is not None:
+                raise missing  # known missing upstream: go straight to deriving it
+            resp, url = await self._open(channel, key, url, validators)  # url: redacted, as served
+        except UpstreamNotFound as exc:
+            if derive:
+                await self._derive(dl, channel, cached, exc)
+            else:
+                self._failed(dl, exc)
+            return
+        except UpstreamError as exc:
+            self._failed(dl, exc)
+            return
+        try:
+            if resp.status == 304 and cached is not None:
+                headers = passthrough_headers(resp.headers)
+                if await self.catalog.revalidated(cached, headers, time.time()) is not None:
+                    dl.not_modified()
+                    return
+                # The cached copy went away meanwhile (evicted, replaced): fetch it whole.
+                resp.release()
+                resp, url = await self._open(channel, key, url, None)
+            if resp.status == 304:
+                self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
+                return
+            unit = await self._receiver.receive(dl, resp, channel, url, self.expected)
+            if unit is not None:
+                await self._keep(unit, dl, cached)
+        except CondaproxyError as exc:
+            self._failed(dl, exc)
+        finally:
+            resp.release()
+
+    async def _keep(self, unit: Unit, dl: Download, cached: Unit | None) -> None:
+        """Persist a verified download, then keep its variant group in step and learn from it."""
+        key = unit.key
+        try:
+            await self.persist.persist(unit, dl.temp_path)
+        except Exception:
+            return  # counted and logged by the persist queue; the client already has its bytes
+        if key.kind is Kind.REPODATA and (cached is None or cached.blob_key != unit.blob_key):
+            # New content: cached siblings (.zst beside .json) must not stay served as fresh.
+            await self.catalog.expire(key.channel, key.subdir, variants.siblings(key.filename))
+        if key.kind in (Kind.REPODATA, Kind.SHARD):
+            await self._learn(key, dl.temp_path)
+
+    async def _open(
+        self, channel: ChannelConfig, key: UnitKey, url: str, validators: Validators | None
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        """upstream.open(url); a package missing there is looked for where its metadata says."""
+        try:
+            return await self.upstream.open(channel, url, validators)
+        except UpstreamNotFound:
+            if key.kind is not Kind.PACKAGE or self.expected is None:
+                raise
+            # On a cold cache (a lockfile install) the subdir's repodata may not be read yet, and
+            # it may name another base for packages (CEP-15): reading it records that base.
+            await self.expected(key, channel)
+            moved = await self._url(channel, key)
+            if moved == url:
+                raise
+            return await self.upstream.open(channel, moved, validators)
+
+    async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
+        """Where a unit lives: its path on the channel's mirrors, or a URL its metadata named."""
+        if key.kind is Kind.PACKAGE and (base := await self.catalog.package_base(key.channel, key.subdir)):
+            return base + key.filename  # CEP-15 info.base_url
+        if key.kind is Kind.SHARD:
+            base = await self.catalog.shard_base(key.channel, key.subdir)
+            if base is not None:
+                return base + key.filename.removeprefix("shards/")
+        return key.path
+
+    async def _derive(
+        self, dl: Download, channel: ChannelConfig, cached: Unit | None, missing: UpstreamNotFound
+    ) -> None:
+        """Make a variant upstream lacks from a sibling it has; else fail with missing."""
+        if self.deriver is not None and await self.deriver.derive(dl, channel, cached):
+            return
+        self._failed(dl, missing)
+
+    def _failed(self, dl: Download, exc: CondaproxyError) -> None:
+        if isinstance(exc, UpstreamNotFound):
+            self.not_found[dl.key] = exc
+        elif isinstance(exc, IntegrityError):
+            self.cooldown[dl.key] = exc
+            self.metrics.integrity_failures.inc()
+        self.metrics.upstream_failures.labels(type(exc).__name__).inc()
+        log.warning("fetch of %s failed: %s", dl.key, exc)
+        dl.fail(exc)
+
+    async def _learn(self, key: UnitKey, path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            count = await loop.run_in_executor(
+                None, learning.learn, self.catalog.path, key.channel, key.subdir, key.filename, path
+            )
+        except Exception as exc:  # a malformed file must not take the proxy down
+            log.warning("could not learn digests from %s: %s", key, exc)
+            return
+        log.debug("learned %d digests from %s", count, key)

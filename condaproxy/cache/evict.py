@@ -1,0 +1,211 @@
+"""Size-bounded eviction: least-recently-accessed units go first, pinned packages never.
+
+The store's size is the sum of its distinct blobs (content-addressed: two channels serving the
+same bytes share one blob). Eviction removes catalog rows, oldest access first (fewest hits
+breaking ties); a blob is deleted only once no row references it, and the catalog marks it
+pending meanwhile so that a crash between the two steps is swept at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.inflight import InflightTable
+from condaproxy.cache.unit import Unit
+from condaproxy.conda.paths import Kind, package_name
+from condaproxy.config.model import CacheConfig
+from condaproxy.store.blobstore import BlobStore
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+# A package file name as it appears in a lockfile: the last path segment of a URL (pixi.lock,
+# conda-lock.yml) or of an explicit env file line, up to a "#md5"/"#sha256" suffix or quote.
+_LOCKED_FILE = re.compile(r"([A-Za-z0-9_+!][A-Za-z0-9._+!-]*\.(?:conda|tar\.bz2))(?=[\s#\"',?]|$)", re.M)
+_GLOB_CHARS = frozenset("*?[")
+
+
+def lockfile_packages(text: str) -> set[str]:
+    """Package file names named by a pixi.lock, conda-lock.yml or explicit environment file."""
+    return set(_LOCKED_FILE.findall(text))
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Package file names and globs exempt from eviction."""
+
+    patterns: tuple[str, ...] = ()
+    files: frozenset[str] = frozenset()
+
+    def __contains__(self, filename: object) -> bool:
+        if not isinstance(filename, str):
+            return False
+        if filename in self.files:
+            return True
+        name = package_name(filename)
+        for pattern in self.patterns:
+            if _GLOB_CHARS.intersection(pattern):
+                if fnmatch.fnmatchcase(filename, pattern):
+                    return True
+            elif pattern in (filename, name):
+                return True
+        return False
+
+
+def _read_lockfile(path: Path) -> tuple[float, set[str]]:
+    mtime = path.stat().st_mtime
+    return mtime, lockfile_packages(path.read_text(encoding="utf-8", errors="replace"))
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    """What one eviction pass did."""
+
+    units: int
+    freed: int
+    size: int  # the store's size afterwards
+
+
+class Evictor:
+    """Keeps the store under [cache] max_size; one pass at a time, owned by the application."""
+
+    def __init__(
+        self, config: CacheConfig, catalog: Catalog, store: BlobStore, inflight: InflightTable
+    ) -> None:
+        self.max_size = config.max_size
+        self.interval = config.evict_interval
+        self._catalog = catalog
+        self._store = store
+        self._inflight = inflight
+        self._patterns = config.pin
+        self._lockfile = config.pin_lockfile
+        self._lockfile_mtime: float | None = None
+        self.pins = Pins(config.pin)
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._grown = 0  # bytes persisted since the last pass
+        self._last_size = 0
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self._task is not None and not self._task.done() else "idle"
+        return f"<Evictor {state} max_size={self.max_size} size≈{self._last_size + self._grown}>"
+
+    def start(self) -> None:
+        """Run passes every interval, and soon after a persist pushes the store over max_size."""
+        if self._task is not None:
+            raise RuntimeError(f"{self!r} already started")
+        self._catalog.on_complete = self._completed
+        self._wake.set()  # a first pass at once: max_size may have been lowered since the last run
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="evictor")
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Let a pass in progress finish its current unit, then stop; safe to call twice."""
+        self._stopping = True
+        self._wake.set()
+        if self._catalog.on_complete == self._completed:
+            self._catalog.on_complete = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _completed(self, unit: Unit) -> None:
+        # Called by the catalog for every committed row: cheap, an over-estimate for shared blobs.
+        self._grown += unit.size
+        if self.max_size and self._last_size + self._grown > self.max_size:
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                await self.run_once()
+            except Exception as exc:  # the next pass tries again; serving goes on regardless
+                log.warning("eviction pass failed: %s", exc)
+
+    async def _refresh_pins(self) -> None:
+        lockfile = self._lockfile
+        if lockfile is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            mtime = await loop.run_in_executor(None, lambda: lockfile.stat().st_mtime)
+            if mtime == self._lockfile_mtime:
+                return
+            mtime, files = await loop.run_in_executor(None, _read_lockfile, lockfile)
+        except OSError as exc:
+            # Keep the pins already read: a lockfile being rewritten must not unpin everything.
+            log.warning("cannot read pin_lockfile %s: %s", lockfile, exc.strerror or exc)
+            return
+        self._lockfile_mtime = mtime
+        self.pins = Pins(self._patterns, frozenset(files))
+        log.info("pinned %d packages from %s", len(files), lockfile)
+
+    async def run_once(self) -> Evicted:
+        """One pass: evict until the store is within max_size (a no-op when it is unlimited)."""
+        async with self._lock:
+            await self._refresh_pins()
+            self._grown = 0
+            size = await self._catalog.stored_size()
+            self._last_size = size
+            if not self.max_size or size <= self.max_size:
+                return Evicted(0, 0, size)
+            # Buffered hits count as accesses: flush them so the order below sees them.
+            await self._catalog.flush_touches()
+            units = freed = skipped = 0
+            while size > self.max_size and not self._stopping:
+                batch = await self._catalog.eviction_candidates(BATCH, skipped)
+                if not batch:
+                    break
+                for cand in batch:
+                    if size <= self.max_size or self._stopping:
+                        break
+                    key = cand.key
+                    if (key.kind is Kind.PACKAGE and key.filename in self.pins) or self._inflight.get(key):
+                        skipped += 1
+                        continue
+                    removed, orphan = await self._catalog.evict(key, cand.blob_key, cand.accessed_at)
+                    if not removed:
+                        skipped += 1  # used or replaced since it was chosen: keep it
+                        continue
+                    units += 1
+                    if orphan is not None:
+                        await self._delete(orphan)
+                        size -= cand.size
+                        freed += cand.size
+            self._last_size = size
+            if size > self.max_size and not self._stopping:
+                log.warning(
+                    "cache holds %d bytes, over max_size %d: the rest is pinned or in use",
+                    size,
+                    self.max_size,
+                )
+            if units:
+                log.info("evicted %d units, freed %d bytes; cache now %d bytes", units, freed, size)
+            return Evicted(units, freed, size)
+
+    async def _delete(self, blob_key: str) -> None:
+        deleted = False
+        try:
+            await self._store.delete(blob_key)
+            deleted = True
+        finally:
+            # Not deleted: the blob stays marked pending, and the next start sweeps it.
+            await asyncio.shield(self._catalog.blob_deleted(blob_key, deleted))

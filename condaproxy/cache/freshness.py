@@ -1,0 +1,51 @@
+"""Pure freshness decisions: serve from the store, revalidate, or fetch (RFC 9111 in miniature)."""
+
+from __future__ import annotations
+
+import enum
+
+from condaproxy.cache.unit import Unit
+from condaproxy.conda.paths import Kind
+from condaproxy.config.model import Config
+
+
+class Verdict(enum.Enum):
+    """What to do with a request, given what the catalog holds."""
+
+    HIT = "hit"  # complete and fresh: serve from the store
+    REVALIDATE = "revalidate"  # complete but past its TTL: conditional request upstream
+    STALE_WHILE_REVALIDATE = "swr"  # past its TTL, within the grace: serve now, revalidate behind
+    FETCH = "fetch"  # nothing usable cached
+
+
+def ttl(kind: Kind, config: Config) -> int | None:
+    """Seconds a stored unit stays fresh; None for immutable units (forever)."""
+    return None if kind.immutable else config.cache.repodata_ttl
+
+
+def verdict(unit: Unit | None, now: float, config: Config) -> Verdict:
+    """Decide from the catalog row alone."""
+    if unit is None:
+        return Verdict.FETCH
+    limit = ttl(unit.key.kind, config)
+    age = now - unit.validated_at
+    if limit is None or age < limit:
+        return Verdict.HIT
+    if age < limit + config.cache.repodata_stale_while_revalidate:
+        return Verdict.STALE_WHILE_REVALIDATE
+    return Verdict.REVALIDATE
+
+
+def may_serve_stale(unit: Unit | None, now: float, config: Config) -> bool:
+    """A mutable unit whose upstream failed may be served for max_stale past its TTL."""
+    if unit is None or unit.key.kind.immutable:
+        return False
+    return now - unit.validated_at <= config.cache.repodata_ttl + config.cache.max_stale
+
+
+def cache_control(kind: Kind, config: Config) -> str:
+    """The Cache-Control the proxy sends for a unit of this kind."""
+    limit = ttl(kind, config)
+    if limit is None:
+        return f"public, max-age={config.lazy.streamer_cache_timeout}"
+    return f"public, max-age={limit}"

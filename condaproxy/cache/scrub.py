@@ -1,0 +1,99 @@
+"""The periodic scrub: `condaproxy verify` inside the running proxy, every [cache] scrub_interval.
+
+Each pass re-hashes every blob, one at a time in an executor thread (never on the loop). A blob
+that no longer matches its name or its rows' size is purged through the catalog exactly like an
+eviction: the rows go first, the blob is marked pending while it is deleted, and a put of the
+same bytes waits meanwhile (it would otherwise trust the damaged file that is about to go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import defaultdict
+
+from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.unit import Unit
+from condaproxy.cache.verify import check_blob
+from condaproxy.metrics import Metrics
+from condaproxy.store.blobstore import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+class Scrubber:
+    """Re-hashes the store every interval seconds; owned by the application."""
+
+    def __init__(self, interval: float, catalog: Catalog, store: BlobStore, metrics: Metrics) -> None:
+        self.interval = interval
+        self._catalog = catalog
+        self._store = store
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self._task is not None and not self._task.done() else "idle"
+        return f"<Scrubber {state} every {self.interval}s>"
+
+    def start(self) -> None:
+        """Run a pass every interval seconds until close()."""
+        if self._task is not None:
+            raise RuntimeError(f"{self!r} already started")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="scrub")
+
+    async def close(self) -> None:
+        """Stop (a pass in progress stops between blobs); safe to call twice."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.run_once()
+            except Exception as exc:  # the next pass tries again; serving goes on regardless
+                log.warning("scrub pass failed: %s", exc)
+
+    async def run_once(self) -> int:
+        """One pass over every blob; returns how many damaged blobs were purged."""
+        by_blob: dict[str, list[Unit]] = defaultdict(list)
+        for unit in await self._catalog.all_units():
+            by_blob[unit.blob_key].append(unit)
+        loop = asyncio.get_running_loop()
+        purged = 0
+        for blob_key, units in by_blob.items():
+            path = self._store.local_path(blob_key)
+            if path is None:
+                continue  # remote stores check themselves
+            problem = await loop.run_in_executor(None, check_blob, path, blob_key, {u.size for u in units})
+            if problem is not None and await self._purge(blob_key, units, problem):
+                purged += 1
+        log.info("scrub pass: %d blobs checked, %d purged", len(by_blob), purged)
+        return purged
+
+    async def _purge(self, blob_key: str, units: list[Unit], problem: str) -> bool:
+        # Recent hits are buffered; flushed, they no longer make the catalog refuse the removal.
+        await self._catalog.flush_touches()
+        orphan = None
+        for unit in units:
+            # Only while the row still holds this blob: a unit refetched meanwhile stays.
+            removed, freed = await self._catalog.evict(unit.key, blob_key, math.inf)
+            if removed:
+                log.error("scrub: purged %s: %s", unit.key, problem)
+                self._metrics.scrub_purged.inc()
+            orphan = orphan or freed
+        if orphan is None:
+            return False
+        deleted = False
+        try:
+            await self._store.delete(orphan)
+            deleted = True
+        finally:
+            await asyncio.shield(self._catalog.blob_deleted(orphan, deleted))
+        return True

@@ -1,0 +1,130 @@
+"""The configuration as frozen dataclasses: what each section means once it has been read."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+import platformdirs
+
+from condaproxy.config.tls import TlsIdentity
+
+# Lowercase segments joined by "/", as anaconda.org names them ("pkgs/main",
+# "conda-forge/label/dev"). Each segment starts with a letter or digit, so "." and
+# ".." can never be a segment; ".." is refused anywhere as well, as it means nothing
+# in a channel name and only invites path tricks upstream.
+_CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)*")
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_data_dir("condaproxy"))
+
+
+@dataclass(frozen=True)
+class LazyConfig:
+    """The streamer: where it listens and how long clients may cache immutable units."""
+
+    streamer_port: int = 8751
+    streamer_interface: tuple[str, ...] = ("lo",)
+    streamer_cache_timeout: int = 86400
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where units are kept and how long repodata stays fresh."""
+
+    directory: Path = field(default_factory=default_cache_dir)
+    repodata_ttl: int = 60
+    negative_ttl: int = 30
+    max_stale: int = 604800
+    integrity_cooldown: int = 10
+    persist_workers: int = 2
+    max_size: int = 0  # bytes; 0 means unlimited
+    evict_interval: float = 60.0
+    pin: tuple[str, ...] = ()  # package file names or globs never evicted
+    pin_lockfile: Path | None = None
+    repodata_stale_while_revalidate: int = 0  # seconds past TTL served at once while revalidating
+    scrub_interval: int = 0  # seconds between passes re-hashing every blob; 0 means never
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """One upstream channel: its base URLs (no trailing slash), timeouts, TLS and credentials."""
+
+    name: str
+    url: str  # the first (preferred) of urls
+    connect_timeout: float
+    read_timeout: float
+    urls: tuple[str, ...] = ()  # mirrors, tried in order; () means (url,)
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    # Secrets: kept out of repr() so that logging a ChannelConfig cannot leak them.
+    token: str | None = field(default=None, repr=False)
+    header: tuple[str, str] | None = field(default=None, repr=False)
+    alternate_source: Path | None = None  # a local tree laid out like the channel (<subdir>/<file>)
+    # Private: served only to clients whose own /t/<token>/ the upstream accepts for the channel.
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            object.__setattr__(self, "urls", (self.url,))
+        elif self.urls[0] != self.url:
+            raise ValueError("ChannelConfig.url must be the first of its urls")
+
+    @property
+    def tls(self) -> TlsIdentity:
+        """The TLS identity the channel's connections use."""
+        return TlsIdentity(self.ca_bundle, self.client_cert, self.client_key)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The default upstream for channels without their own section."""
+
+    default: str = "https://conda.anaconda.org"
+    allow_unlisted: bool = True
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    auth_ttl: float = 300.0  # seconds an upstream's "yes" to a client token is remembered
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; build it with load_config() or default_config()."""
+
+    lazy: LazyConfig
+    cache: CacheConfig
+    upstream: UpstreamConfig
+    channels: Mapping[str, ChannelConfig] = field(default_factory=lambda: MappingProxyType({}))
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        # A frozen dataclass still hands out its dict; a proxy keeps channels read-only.
+        if not isinstance(self.channels, MappingProxyType):
+            object.__setattr__(self, "channels", MappingProxyType(dict(self.channels)))
+
+    def channel(self, name: str) -> ChannelConfig | None:
+        """The channel's configured section, else one under the default upstream if allowed."""
+        configured = self.channels.get(name)
+        if configured is not None:
+            return configured
+        # An invalid name must never be turned into an upstream URL, whoever asks.
+        if not self.upstream.allow_unlisted or not is_channel_name(name):
+            return None
+        # anaconda.org labels live under their channel: <parent>/label/<label> follows the
+        # parent's section (its mirrors, TLS and credentials), not the default upstream.
+        parent, sep, label = name.rpartition("/label/")
+        if sep and "/" not in label and (up_ch := self.channels.get(parent)) is not None:
+            urls = tuple(f"{u}/label/{label}" for u in up_ch.urls)
+            return replace(up_ch, name=name, url=urls[0], urls=urls, alternate_source=None)
+        up = self.upstream
+        return ChannelConfig(name, f"{up.default}/{name}", up.connect_timeout, up.read_timeout)
+
+
+def is_channel_name(name: str) -> bool:
+    """Whether name is a valid channel name such as "conda-forge" or "pkgs/main"."""
+    return _CHANNEL_NAME.fullmatch(name) is not None and ".." not in name

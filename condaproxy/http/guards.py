@@ -1,0 +1,30 @@
+"""Requests refused before routing: anything but GET and HEAD without a body."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+
+def _refuse(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:
+    resp = web.Response(
+        status=status,
+        text=reason + "\n",
+        headers={"X-Cache": "MISS", "Cache-Control": "no-store", **(headers or {})},
+    )
+    # The unread body may hide a smuggled request: this connection serves nothing more.
+    resp.force_close()
+    return resp
+
+
+@web.middleware
+async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Only GET and HEAD without a body exist here: anything else is refused before routing."""
+    if request.method not in ("GET", "HEAD"):
+        # CONNECT, OPTIONS * and writes; never an outbound connection.
+        return _refuse(405, "only GET and HEAD are supported", {"Allow": "GET, HEAD"})
+    if request.body_exists:
+        # RFC 9110 9.3.1: a GET body has no meaning, and is where request smuggling hides a
+        # second request behind a front proxy that frames it differently. Never read it.
+        return _refuse(400, "requests with a body are not accepted")
+    return await handler(request)

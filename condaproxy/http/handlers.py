@@ -1,0 +1,107 @@
+"""The unit handler: parse, admit, decide hit / join / start, then serve (hits.py) or stream (live.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+
+from condaproxy.cache.freshness import Verdict, may_serve_stale, verdict
+from condaproxy.cache.inflight import State
+from condaproxy.cache.unit import Unit
+from condaproxy.conda.paths import Rejection, UnitKey, parse_path
+from condaproxy.config.model import ChannelConfig
+from condaproxy.errors import (
+    CatalogBusy,
+    CondaproxyError,
+    UpstreamError,
+    UpstreamNotFound,
+)
+from condaproxy.http.hits import serve_unit
+from condaproxy.http.live import stream
+from condaproxy.http.responses import text
+from condaproxy.http.services import SERVICES, Services
+from condaproxy.upstream.admission import Refused
+
+log = logging.getLogger(__name__)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """GET/HEAD /<channel>/<subdir>/<file>: serve from the store, join a fetch, or start one."""
+    svc = request.app[SERVICES]
+    parsed = parse_path(request.raw_path)
+    if isinstance(parsed, Rejection):
+        return text(parsed.status, parsed.reason)
+    key = parsed.key
+    channel = svc.config.channel(key.channel)
+    if channel is None:
+        return text(404, f"channel {key.channel!r} is not served by this proxy")
+    try:
+        # Before any cache look-up: a private channel's bytes go only to a token its upstream accepts.
+        channel = await svc.auth.admit(channel, parsed.token)
+    except Refused as exc:
+        return text(exc.status, exc.reason)
+    try:
+        return await _serve(request, svc, key, channel)
+    except CatalogBusy:
+        return text(503, "catalog busy, retry shortly", headers={"Retry-After": "1"})
+
+
+async def _serve(
+    request: web.Request, svc: Services, key: UnitKey, channel: ChannelConfig
+) -> web.StreamResponse:
+    now = time.time()
+    unit: Unit | None = None
+    dl = svc.inflight.get(key)
+    xcache = "COLLAPSED"
+    if dl is None or dl.state is State.NOT_MODIFIED:
+        unit = await svc.catalog.get(key)
+        found = verdict(unit, now, svc.config)
+        if found is Verdict.HIT and unit is not None:
+            served = await serve_unit(request, svc, unit, "HIT", channel)
+            if served is not None:
+                return served
+            unit = None  # the blob went missing or changed size: fetch it again
+        elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
+            if svc.inflight.get(key) is None:
+                with contextlib.suppress(CondaproxyError):
+                    svc.fetcher.start(key, channel, unit)  # one background revalidation
+            served = await serve_unit(request, svc, unit, "STALE", channel)
+            if served is not None:
+                return served
+            unit = None
+        # Re-check after the await: another request may have started the fetch meanwhile.
+        dl = svc.inflight.get(key)
+        if dl is None:
+            try:
+                dl = svc.fetcher.start(key, channel, unit)
+            except CondaproxyError as exc:
+                return text(exc.status, str(exc))
+            xcache = "MISS"
+    elif not key.kind.immutable:
+        unit = await svc.catalog.get(key)  # for a stale fallback if this revalidation fails
+        if unit is not None and verdict(unit, now, svc.config) is Verdict.STALE_WHILE_REVALIDATE:
+            served = await serve_unit(request, svc, unit, "STALE", channel)
+            if served is not None:
+                return served
+    try:
+        state = await dl.wait_head()
+    except UpstreamError as exc:
+        if not isinstance(exc, UpstreamNotFound) and may_serve_stale(unit, now, svc.config):
+            assert unit is not None
+            served = await serve_unit(request, svc, unit, "STALE", channel)
+            if served is not None:
+                return served
+        return text(exc.status, exc.reason)
+    except CondaproxyError as exc:
+        return text(exc.status, str(exc))
+    if state is State.NOT_MODIFIED:
+        fresh = await svc.catalog.get(key)
+        if fresh is not None:
+            served = await serve_unit(request, svc, fresh, "REVALIDATED", channel)
+            if served is not None:
+                return served
+        return text(502, "cached copy vanished during revalidation")
+    return await stream(request, svc, dl, xcache)

@@ -1,0 +1,115 @@
+"""Serving units from the store: sendfile for local blobs, Range and conditionals honoured,
+and the gzip/zstd-coded copies of repodata a client accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import IO
+
+from aiohttp import web
+
+from condaproxy.cache.unit import Unit
+from condaproxy.conda import variants
+from condaproxy.conda.paths import Kind, UnitKey
+from condaproxy.config.model import ChannelConfig
+from condaproxy.errors import CondaproxyError
+from condaproxy.http.responses import plan_for, unit_headers, without_body
+from condaproxy.http.services import Services
+
+log = logging.getLogger(__name__)
+
+
+def _open_blob(path: str, size: int) -> IO[bytes] | None:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError:
+        return None
+    if os.fstat(f.fileno()).st_size != size:
+        f.close()
+        return None
+    return f
+
+
+async def _coded(request: web.Request, svc: Services, unit: Unit, channel: ChannelConfig) -> Unit | None:
+    """A gzip/zstd-coded copy of repodata the client accepts, made from unit's very bytes.
+
+    When there is none yet, one is made in the background and this client gets identity.
+    """
+    k = unit.key
+    for coding in variants.accepted_codings(request.headers.get("Accept-Encoding"))[:1]:
+        coded_key = UnitKey(k.channel, k.subdir, f"{k.filename}@{coding}", Kind.REPODATA)
+        coded = await svc.catalog.get(coded_key)
+        if coded is not None and coded.source == unit.blob_key:
+            return coded
+        if svc.inflight.get(coded_key) is None:
+            with contextlib.suppress(CondaproxyError):
+                svc.fetcher.start(coded_key, channel, coded)
+    return None
+
+
+async def serve_unit(
+    request: web.Request, svc: Services, unit: Unit, xcache: str, channel: ChannelConfig
+) -> web.StreamResponse | None:
+    """Answer from the store; None if the blob is missing or damaged (the row is then dropped)."""
+    extra: dict[str, str] = {}
+    if unit.key.filename in variants.BASES:
+        extra["Vary"] = "Accept-Encoding"
+        coded = await _coded(request, svc, unit, channel)
+        if coded is not None:
+            served = await _serve_blob(
+                request,
+                svc,
+                coded,
+                xcache,
+                {**extra, "Content-Encoding": coded.key.filename.partition("@")[2]},
+            )
+            if served is not None:
+                return served
+    return await _serve_blob(request, svc, unit, xcache, extra)
+
+
+async def _serve_blob(
+    request: web.Request, svc: Services, unit: Unit, xcache: str, extra: dict[str, str]
+) -> web.StreamResponse | None:
+    """Send a stored unit: sendfile for local blobs, Range and conditionals honoured."""
+    loop = asyncio.get_running_loop()
+    local = svc.store.local_path(unit.blob_key)
+    fobj: IO[bytes] | None = None
+    if local is not None:
+        fobj = await loop.run_in_executor(None, _open_blob, str(local), unit.size)
+        if fobj is None:
+            log.error("blob of %s is missing or has the wrong size; refetching", unit.key)
+            if (orphan := await svc.catalog.remove(unit.key)) is not None:
+                await svc.store.delete(orphan)
+            return None
+    try:
+        headers = unit_headers(svc.config, unit.key, {**unit.headers, **extra}, xcache)
+        if xcache == "STALE":
+            headers["Age"] = str(max(0, int(time.time() - unit.validated_at)))
+        svc.catalog.touch(unit.key, time.time())
+        # Client-facing validators: for derived or rewritten units they differ from upstream's.
+        plan = plan_for(request, unit.size, unit.headers)
+        svc.metrics.responses.labels(xcache, str(plan.status)).inc()
+        if not plan.has_body:
+            return await without_body(request, plan, headers)
+        count = unit.size - plan.offset if plan.count is None else plan.count
+        resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
+        resp.content_length = count
+        await resp.prepare(request)
+        if request.method == "HEAD" or count == 0:
+            await resp.write_eof()
+            return resp
+        if fobj is not None and request.transport is not None:
+            await loop.sendfile(request.transport, fobj, plan.offset, count)
+        else:
+            async for chunk in svc.store.read(unit.blob_key, plan.offset, count):
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    finally:
+        if fobj is not None:
+            fobj.close()

@@ -1,0 +1,35 @@
+"""The application's parts, wired once in create_app and reached by handlers through an AppKey."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.download import Fetcher
+from condaproxy.cache.inflight import InflightTable
+from condaproxy.cache.persist import PersistQueue
+from condaproxy.config.model import Config
+from condaproxy.metrics import Metrics
+from condaproxy.store.blobstore import BlobStore
+from condaproxy.upstream.admission import ClientAuth
+from condaproxy.upstream.client import Upstream
+
+
+@dataclass(eq=False)
+class Services:
+    """Everything a handler needs; built and torn down by the app's cleanup context."""
+
+    config: Config
+    catalog: Catalog
+    store: BlobStore
+    upstream: Upstream
+    inflight: InflightTable
+    persist: PersistQueue
+    fetcher: Fetcher
+    metrics: Metrics
+    auth: ClientAuth
+
+
+SERVICES = web.AppKey("services", Services)
