@@ -40,8 +40,12 @@ from condaproxy.config.model import ChannelConfig
 
 CH = "/testchan"
 KILLPOINT = Path(__file__).with_name("killpoint.py")
-# The loop must answer /healthz within this while a fault runs (issue 4).
-HEALTHZ_BOUND = 0.1
+# The loop must answer /healthz within this while a fault runs: a loop blocked by work that
+# belongs in an executor (hashing a large file, a parser bomb) stalls it for seconds. The bound
+# is not a latency target: in-process proxies share their loop with the test's own clients, and
+# on a busy 2-core machine scheduling alone has delayed a probe by 200 ms (the 0.1 s this was
+# before made the 50-waiter test fail about one run in three under load).
+HEALTHZ_BOUND = 1.0
 
 
 def unit_key(path: str) -> UnitKey:
