@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, Self
 
@@ -83,6 +83,17 @@ CREATE TABLE IF NOT EXISTS pending (
 _MIGRATIONS = {2: "ALTER TABLE units ADD COLUMN source_blob TEXT"}
 
 
+async def connect(path: Path) -> aiosqlite.Connection:
+    """An aiosqlite connection to the catalog at path, rows readable by column name."""
+    db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=WRITE_TRANSACTIONS)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+# How the catalog opens its connections; tests pass one that wraps them to pause at chosen steps.
+Connect = Callable[[Path], Awaitable[aiosqlite.Connection]]
+
+
 def connect_sync(path: Path) -> sqlite3.Connection:
     """A plain sqlite3 connection for work done in executor threads (digest learning)."""
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=WRITE_TRANSACTIONS)
@@ -107,10 +118,9 @@ class CatalogDB:
         self.on_complete: Callable[[Unit], None] | None = None  # told of every committed row
 
     @classmethod
-    async def open(cls, path: Path) -> Self:
+    async def open(cls, path: Path, *, connect: Connect = connect) -> Self:
         """Open (creating or migrating) the catalog at path."""
-        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=WRITE_TRANSACTIONS)
-        db.row_factory = sqlite3.Row
+        db = await connect(path)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         async with db.execute("PRAGMA user_version") as cur:
