@@ -18,6 +18,7 @@ from pathlib import Path
 
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.inflight import InflightTable
+from condaproxy.cache.removal import delete_released
 from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Kind, package_name
 from condaproxy.config.model import CacheConfig
@@ -181,15 +182,15 @@ class Evictor:
                     if (key.kind is Kind.PACKAGE and key.filename in self.pins) or self._inflight.get(key):
                         skipped += 1
                         continue
-                    removed, orphan = await self._catalog.evict(key, cand.blob_key, cand.accessed_at)
-                    if not removed:
+                    dropped = await self._catalog.evict(key, cand.blob_key, cand.accessed_at)
+                    if dropped.orphan is not None:  # also when a newer put left us the old blob
+                        await delete_released(self._catalog, self._store, dropped.orphan)
+                        size -= cand.size
+                        freed += cand.size
+                    if not dropped.removed:
                         skipped += 1  # used or replaced since it was chosen: keep it
                         continue
                     units += 1
-                    if orphan is not None:
-                        await self._delete(orphan)
-                        size -= cand.size
-                        freed += cand.size
             self._last_size = size
             if size > self.max_size and not self._stopping:
                 log.warning(
@@ -200,12 +201,3 @@ class Evictor:
             if units:
                 log.info("evicted %d units, freed %d bytes; cache now %d bytes", units, freed, size)
             return Evicted(units, freed, size)
-
-    async def _delete(self, blob_key: str) -> None:
-        deleted = False
-        try:
-            await self._store.delete(blob_key)
-            deleted = True
-        finally:
-            # Not deleted: the blob stays marked pending, and the next start sweeps it.
-            await asyncio.shield(self._catalog.blob_deleted(blob_key, deleted))

@@ -71,10 +71,10 @@ class Parts:
         )
         src = self.root / "tmp" / sha
         src.write_bytes(data)
-        await self.catalog.begin_put(sha)
+        put = await self.catalog.begin_put(sha)
         await self.store.put(sha, src)
         unit = Unit(key, f"https://up/{key}", sha, sha, len(data), {}, None, None, 0.0, 0.0)
-        await self.catalog.complete(unit)
+        await self.catalog.complete(unit, put)
         src.unlink()  # as a finished download's temp file is
         for _ in range(hits):
             self.catalog.touch(key, accessed)
@@ -249,31 +249,29 @@ async def test_a_unit_used_since_it_was_chosen_is_kept(parts: Parts) -> None:
     unit = await parts.add("p-1-0.conda", b"p" * 100, accessed=1.0)
     [cand] = await parts.catalog.eviction_candidates(10)
     parts.catalog.touch(unit.key, time.time())  # a hit, not yet flushed
-    assert await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at) == (False, None)
+    assert not (await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at)).removed
     await parts.catalog.flush_touches()
     # Replaced by other bytes meanwhile: the choice no longer holds either.
     await parts.add("p-1-0.conda", b"q" * 100, accessed=1.0)
-    assert await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at) == (False, None)
+    assert not (await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at)).removed
     assert await parts.names() == {"p-1-0.conda"}
 
 
 async def test_a_put_of_a_blob_being_deleted_waits_for_the_delete(parts: Parts) -> None:
     unit = await parts.add("p-1-0.conda", b"p" * 100, accessed=1.0)
-    removed, orphan = await parts.catalog.evict(unit.key, unit.blob_key, 1.0)
-    assert (removed, orphan) == (True, unit.blob_key)
+    dropped = await parts.catalog.evict(unit.key, unit.blob_key, 1.0)
+    assert (dropped.removed, dropped.orphan) == (True, unit.blob_key)
     put = asyncio.ensure_future(parts.catalog.begin_put(unit.blob_key))
     await asyncio.sleep(0.05)
     assert not put.done(), "a put must not trust a blob that is about to be deleted"
     await parts.store.delete(unit.blob_key)
     await parts.catalog.blob_deleted(unit.blob_key)
-    await asyncio.wait_for(put, 5)
-    await parts.catalog.abandon_put(unit.blob_key)
+    await parts.catalog.abandon_put(await asyncio.wait_for(put, 5))
 
 
 async def test_a_crash_between_row_and_blob_is_swept_at_start(parts: Parts) -> None:
     unit = await parts.add("p-1-0.conda", b"p" * 100, accessed=1.0)
-    _, orphan = await parts.catalog.evict(unit.key, unit.blob_key, 1.0)
-    assert orphan == unit.blob_key
+    assert (await parts.catalog.evict(unit.key, unit.blob_key, 1.0)).orphan == unit.blob_key
     # The process dies here: the blob was never deleted, but it is marked pending.
     await parts.catalog.close()
     parts.catalog = await Catalog.open(parts.root / "catalog.sqlite3")

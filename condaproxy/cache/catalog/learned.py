@@ -10,7 +10,7 @@ class LearnedRows(CatalogDB):
 
     async def expected(self, channel: str, subdir: str, filename: str) -> tuple[str, int | None] | None:
         """The sha256 and size the channel's own metadata gives for a package, if learned."""
-        rows = await self._execute(
+        rows = await self._read(
             "SELECT sha256, size FROM digests WHERE channel=? AND subdir=? AND filename=?",
             (channel, subdir, filename),
         )
@@ -18,37 +18,31 @@ class LearnedRows(CatalogDB):
 
     async def set_shard_base(self, channel: str, subdir: str, base_url: str | None) -> None:
         """Remember (or forget) the absolute shards_base_url an upstream index names."""
-        if await self.shard_base(channel, subdir) == base_url:
-            return  # the usual case (no mapping, none wanted): no write, no lock to wait for
-        if base_url is None:
-            await self._execute("DELETE FROM shard_bases WHERE channel=? AND subdir=?", (channel, subdir))
-        else:
-            await self._execute(
-                "INSERT OR REPLACE INTO shard_bases VALUES (?, ?, ?)", (channel, subdir, base_url)
-            )
-        await self._db.commit()
+        await self._set_base("shard_bases", channel, subdir, base_url)
 
     async def shard_base(self, channel: str, subdir: str) -> str | None:
         """The upstream base URL of a subdir's shards, when its index names an absolute one."""
-        rows = await self._execute(
-            "SELECT base_url FROM shard_bases WHERE channel=? AND subdir=?", (channel, subdir)
-        )
-        return str(rows[0]["base_url"]) if rows else None
+        return await self._base("shard_bases", channel, subdir)
 
     async def set_package_base(self, channel: str, subdir: str, base_url: str | None) -> None:
         """Remember (or forget) the absolute CEP-15 info.base_url a subdir's repodata names."""
-        if await self.package_base(channel, subdir) == base_url:
-            return  # the usual case (no mapping, none wanted): no write, no lock to wait for
-        if base_url is None:
-            await self._write("DELETE FROM package_bases WHERE channel=? AND subdir=?", (channel, subdir))
-        else:
-            await self._write(
-                "INSERT OR REPLACE INTO package_bases VALUES (?, ?, ?)", (channel, subdir, base_url)
-            )
+        await self._set_base("package_bases", channel, subdir, base_url)
 
     async def package_base(self, channel: str, subdir: str) -> str | None:
         """The upstream base URL of a subdir's packages, when its repodata names a foreign one."""
-        rows = await self._execute(
-            "SELECT base_url FROM package_bases WHERE channel=? AND subdir=?", (channel, subdir)
-        )
+        return await self._base("package_bases", channel, subdir)
+
+    async def _set_base(self, table: str, channel: str, subdir: str, base_url: str | None) -> None:
+        if await self._base(table, channel, subdir) == base_url:
+            return  # the usual case (no mapping, none wanted): no write, no lock to wait for
+        async with self.transaction() as tx:
+            if base_url is None:
+                await tx.execute(f"DELETE FROM {table} WHERE channel=? AND subdir=?", (channel, subdir))
+            else:
+                row = (channel, subdir, base_url)
+                await tx.execute(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?)", row)
+
+    async def _base(self, table: str, channel: str, subdir: str) -> str | None:
+        where = (channel, subdir)
+        rows = await self._read(f"SELECT base_url FROM {table} WHERE channel=? AND subdir=?", where)
         return str(rows[0]["base_url"]) if rows else None
