@@ -223,8 +223,17 @@ class UnitRows(CatalogDB):
         return [r["blob_key"] for r in rows]
 
     async def all_units(self) -> list[Unit]:
-        """Every complete unit (for verification and tests)."""
+        """Every complete unit, all at once (for tests; the scrub pages through blob_page())."""
         return [unit_from_row(r) for r in await self._read("SELECT * FROM units")]
+
+    async def blob_page(self, after: str, limit: int) -> list[tuple[str, set[int]]]:
+        """The next limit blobs after the key `after`, in key order, each with the sizes its rows give."""
+        rows = await self._read(
+            """SELECT blob_key, group_concat(DISTINCT size) AS sizes FROM units
+               WHERE blob_key > ? GROUP BY blob_key ORDER BY blob_key LIMIT ?""",
+            (after, limit),
+        )
+        return [(r["blob_key"], {int(s) for s in str(r["sizes"]).split(",")}) for r in rows]
 
     async def referenced_blobs(self) -> set[str]:
         """Every blob key a row references or a put in progress claims."""
