@@ -71,6 +71,7 @@ async def test_open_creates_schema_in_wal_mode(db_path: Path) -> None:
     await cat.close()
     assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
+    assert raw(db_path, "PRAGMA auto_vacuum") == [(2,)]  # incremental: eviction gives pages back
     tables = {r[0] for r in raw(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"units", "digests", "pending"} <= tables
 
@@ -114,7 +115,7 @@ async def test_open_migrates_an_unversioned_database(db_path: Path) -> None:
 
 
 async def test_open_migrates_a_version_2_catalog(db_path: Path) -> None:
-    # Version 2 kept one pending mark per blob.
+    # Version 2 kept one pending mark per blob, and never gave freed pages back.
     db = sqlite3.connect(db_path)
     db.executescript(
         """PRAGMA journal_mode=WAL;
@@ -146,6 +147,7 @@ async def test_open_migrates_a_version_2_catalog(db_path: Path) -> None:
     finally:
         await cat.close()
     assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert raw(db_path, "PRAGMA auto_vacuum") == [(2,)]  # incremental: freed pages can be given back
     assert raw(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 

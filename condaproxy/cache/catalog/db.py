@@ -21,7 +21,7 @@ import aiosqlite
 from cachetools import LRUCache
 
 from condaproxy.cache.unit import Unit
-from condaproxy.conda.paths import UnitKey
+from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.errors import CatalogBusy
 
 SCHEMA_VERSION = 3
@@ -35,6 +35,18 @@ WRITE_BACKOFF = 0.05
 # starts on a read snapshot, and if another connection - the digest learner's - commits while
 # it waits for the lock, WAL answers SQLITE_BUSY_SNAPSHOT at once, whatever the busy timeout.
 WRITE_TRANSACTIONS: Final = "IMMEDIATE"
+# The WAL file is cut back to this size whenever it is reset: it counts against max_size.
+WAL_LIMIT = 4 * 1024 * 1024
+
+# What the proxy learned from a subdir (package digests, foreign bases) is kept only while some
+# of the subdir's metadata is cached: the unit it was learned from, or one saying the same
+# (learned.py says when each kind goes).
+METADATA_KINDS: Final = (Kind.REPODATA.value, Kind.SHARD_INDEX.value, Kind.SHARD.value)
+HAS_METADATA: Final = (
+    "SELECT 1 FROM units WHERE channel=? AND subdir=? AND kind IN "
+    f"({', '.join(repr(k) for k in METADATA_KINDS)}) LIMIT 1"
+)
+LEARNED_TABLES: Final = ("digests", "shard_bases", "package_bases")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS units (
@@ -58,6 +70,7 @@ CREATE TABLE IF NOT EXISTS units (
     PRIMARY KEY (channel, subdir, filename)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS units_blob ON units (blob_key);
+CREATE INDEX IF NOT EXISTS units_kind ON units (channel, subdir, kind);
 CREATE TABLE IF NOT EXISTS digests (
     channel TEXT NOT NULL,
     subdir TEXT NOT NULL,
@@ -110,11 +123,16 @@ Connect = Callable[[Path], Awaitable[aiosqlite.Connection]]
 
 
 def connect_sync(path: Path) -> sqlite3.Connection:
-    """A plain sqlite3 connection for work done in executor threads (digest learning)."""
+    """A plain sqlite3 connection for work done in executor threads (digest learning).
+
+    Its writes must be transactions begun with BEGIN IMMEDIATE: SQLite's own lock then orders
+    them against the catalog's writer.
+    """
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=WRITE_TRANSACTIONS)
     # No journal_mode pragma here: WAL is a property of the file (set once by Catalog.open),
     # and asking for it again on every connection needlessly takes locks of its own.
     conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
     return conn
 
 
@@ -134,6 +152,16 @@ class Tx:
         try:
             async with self._db.execute(sql, tuple(params)) as cur:
                 return list(await cur.fetchall())
+        except sqlite3.OperationalError as exc:
+            if is_busy(exc):
+                raise CatalogBusy(str(exc)) from exc
+            raise
+
+    async def count(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """Run one statement; how many rows it changed."""
+        try:
+            async with self._db.execute(sql, tuple(params)) as cur:
+                return int(cur.rowcount)
         except sqlite3.OperationalError as exc:
             if is_busy(exc):
                 raise CatalogBusy(str(exc)) from exc
@@ -181,8 +209,12 @@ class CatalogDB:
                 version = row[0] if row else 0
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path}: catalog schema {version} is newer than this condaproxy")
+            # Incremental auto-vacuum lets eviction give freed pages back to the file system. It
+            # takes effect here only on a new file; an older one is rebuilt once, below.
+            await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             # A new file gets the current schema whole; an older one is migrated step by step.
             await db.executescript(_SCHEMA)
             if version:
@@ -190,6 +222,10 @@ class CatalogDB:
                     await _migrate(db, target)
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             await db.commit()
+            async with db.execute("PRAGMA auto_vacuum") as cur:
+                row = await cur.fetchone()
+            if row is None or row[0] != 2:
+                await db.execute("VACUUM")
             reader = await connect(path)
         except BaseException:
             await db.close()

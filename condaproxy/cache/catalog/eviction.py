@@ -4,11 +4,15 @@ rows, mark the blob pending if nothing uses it any more; the caller deletes it, 
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from condaproxy.cache.catalog.db import CatalogDB
+from condaproxy.cache.catalog.db import BUSY_TIMEOUT_MS, METADATA_KINDS, CatalogDB
+from condaproxy.cache.catalog.learned import forget_subdirs
 from condaproxy.conda.paths import Kind, UnitKey
 
 
@@ -29,11 +33,19 @@ class Dropped:
     keys: tuple[UnitKey, ...] = ()  # the rows removed
     # A blob no row uses any more: claimed and marked pending; delete it, then blob_deleted().
     orphan: str | None = None
+    forgot: bool = False  # a subdir's learned digests went with its last metadata unit
 
     @property
     def removed(self) -> bool:
         """Whether any row went."""
         return bool(self.keys)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 class EvictionRows(CatalogDB):
@@ -46,6 +58,26 @@ class EvictionRows(CatalogDB):
                FROM (SELECT MAX(size) AS size FROM units GROUP BY blob_key)"""
         )
         return int(rows[0]["total"])
+
+    async def catalog_size(self) -> int:
+        """Bytes of the catalog itself on disk: its pages and its WAL."""
+        rows = await self._read("SELECT page_count * page_size AS n FROM pragma_page_count, pragma_page_size")
+        wal_path = self.path.with_name(self.path.name + "-wal")
+        wal = await asyncio.get_running_loop().run_in_executor(None, _file_size, wal_path)
+        return int(rows[0]["n"]) + wal
+
+    async def reclaim(self) -> int:
+        """Give pages freed by deletions back to the file system, and cut the WAL back if no one
+        is using it; returns catalog_size()."""
+        async with self._lock:
+            # executescript runs each pragma to its end (Python's sqlite3 would step the vacuum
+            # once: one page) and all in one call, so the busy timeout is always restored. The
+            # checkpoint never waits: a learner or reader in the WAL leaves it for the next time.
+            await self._db.executescript(
+                "PRAGMA incremental_vacuum; PRAGMA busy_timeout=0; PRAGMA wal_checkpoint(TRUNCATE);"
+                f" PRAGMA busy_timeout={BUSY_TIMEOUT_MS};"
+            )
+        return await self.catalog_size()
 
     async def eviction_candidates(self, limit: int, offset: int = 0) -> list[Candidate]:
         """Units in eviction order: least recently accessed first, then fewest hits."""
@@ -95,13 +127,15 @@ class EvictionRows(CatalogDB):
         if not self._claim(blob_key):
             return Dropped()  # another removal of this blob is under way
         removed: list[UnitKey] = []
-        orphan = False
+        forgot = orphan = False
         try:
             async with self.transaction() as tx:
                 rows = await tx.execute(
                     f"DELETE FROM units WHERE {where} RETURNING channel, subdir, filename, kind", params
                 )
                 removed = [UnitKey(r["channel"], r["subdir"], r["filename"], Kind(r["kind"])) for r in rows]
+                metadata = [(k.channel, k.subdir) for k in removed if k.kind.value in METADATA_KINDS]
+                forgot = bool(metadata) and await forget_subdirs(tx, metadata)
                 # Also when no row went, if a put that replaced the row left the blob to us.
                 if removed or blob_key in self._left:
                     orphan = await self._mark_orphan(tx, blob_key)
@@ -114,7 +148,7 @@ class EvictionRows(CatalogDB):
                 self._rows.pop(key, None)
             if not orphan:
                 self._release(blob_key)
-        return Dropped(tuple(removed), blob_key if orphan else None)
+        return Dropped(tuple(removed), blob_key if orphan else None, forgot)
 
     async def blob_deleted(self, blob_key: str, deleted: bool = True) -> None:
         """The deleter of a claimed blob is done: clear its pending mark if the blob is gone."""

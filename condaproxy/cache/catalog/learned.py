@@ -1,8 +1,29 @@
-"""What the proxy learned from channel metadata: package digests and foreign shard/package bases."""
+"""What the proxy learned from channel metadata: package digests and foreign shard/package bases.
+
+Digests are kept only while some metadata of their subdir is cached (db.HAS_METADATA): they go
+in the same transaction as the subdir's last repodata, shard index or shard, so that max_size
+bounds them as it bounds the units they came from. A base mapping (one row per subdir) is
+recorded before the document naming it is stored, as its readers need it at once; dropped by
+an eviction in between, it would be gone for good while that document is served. So bases of
+subdirs without metadata go at the next start instead, with no download in flight.
+"""
 
 from __future__ import annotations
 
-from condaproxy.cache.catalog.db import CatalogDB
+from collections.abc import Iterable
+
+from condaproxy.cache.catalog.db import HAS_METADATA, LEARNED_TABLES, METADATA_KINDS, CatalogDB, Tx
+
+
+async def forget_subdirs(tx: Tx, subdirs: Iterable[tuple[str, str]]) -> bool:
+    """Inside a transaction that removed metadata units: drop the digests learned for each subdir
+    now left without any; True if some went."""
+    forgot = False
+    for channel, subdir in set(subdirs):
+        if not await tx.execute(HAS_METADATA, (channel, subdir)):
+            deleted = await tx.count("DELETE FROM digests WHERE channel=? AND subdir=?", (channel, subdir))
+            forgot |= bool(deleted)
+    return forgot
 
 
 class LearnedRows(CatalogDB):
@@ -31,6 +52,24 @@ class LearnedRows(CatalogDB):
     async def package_base(self, channel: str, subdir: str) -> str | None:
         """The upstream base URL of a subdir's packages, when its repodata names a foreign one."""
         return await self._base("package_bases", channel, subdir)
+
+    async def forget_unowned(self) -> bool:
+        """Drop digests and bases learned for subdirs with no metadata cached; True if some went.
+
+        Run at start: bases stay through a run, and an older catalog kept everything it learned.
+        """
+        kinds = ", ".join(repr(k) for k in METADATA_KINDS)
+        forgot = False
+        async with self.transaction() as tx:
+            for table in LEARNED_TABLES:
+                forgot |= bool(
+                    await tx.count(
+                        f"""DELETE FROM {table} WHERE (channel, subdir) IN (
+                               SELECT DISTINCT channel, subdir FROM {table}
+                               EXCEPT SELECT channel, subdir FROM units WHERE kind IN ({kinds}))"""
+                    )
+                )
+        return forgot
 
     async def _set_base(self, table: str, channel: str, subdir: str, base_url: str | None) -> None:
         if await self._base(table, channel, subdir) == base_url:
