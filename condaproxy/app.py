@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -42,13 +43,14 @@ MAX_HEADERS = 100
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config: Config = app[CONFIG]
+    parts = app[PARTS]
     root = config.cache.directory
     temp = root / "tmp"
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: root.mkdir(parents=True, exist_ok=True))
     await loop.run_in_executor(None, reset_temp_dir, temp)
-    store = FilesystemStore(root / "blobs")
-    catalog = await Catalog.open(root / "catalog.sqlite3")
+    store = parts.store(root / "blobs")
+    catalog = await parts.catalog.open(root / "catalog.sqlite3")
     await sweep(catalog, store)
     metrics = Metrics()
     # Imported here: the upstream session must be created inside the running loop.
@@ -91,11 +93,24 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The classes the app makes its catalog and blob store from (tests pass gated subclasses)."""
+
+    catalog: type[Catalog] = Catalog
+    store: type[FilesystemStore] = FilesystemStore
+
+
+DEFAULT_PARTS = Parts()
+
 CONFIG = web.AppKey("config", Config)
+PARTS = web.AppKey("parts", Parts)
 EVICTOR = web.AppKey("evictor", Evictor)
 
 
-def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web.Application:
+def create_app(
+    config: Config, *, client_timeout: float = CLIENT_TIMEOUT, parts: Parts = DEFAULT_PARTS
+) -> web.Application:
     """Build the streamer application for config; nothing starts until the app runs.
 
     client_timeout bounds both the wait for a complete request head and an idle keep-alive.
@@ -116,6 +131,7 @@ def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web
         },
     )
     app[CONFIG] = config
+    app[PARTS] = parts
     app.cleanup_ctx.append(_services)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)

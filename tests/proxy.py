@@ -22,7 +22,7 @@ import psutil
 from aiohttp import web
 from multidict import CIMultiDict
 
-from condaproxy.app import create_app, server_options
+from condaproxy.app import DEFAULT_PARTS, Parts, create_app, server_options
 from condaproxy.config.model import CacheConfig, Config, LazyConfig, UpstreamConfig
 from condaproxy.http.services import SERVICES, Services
 
@@ -55,13 +55,18 @@ class Proxy:
     """The proxy app served in this process on 127.0.0.1, on an ephemeral port."""
 
     def __init__(
-        self, config: Config, *, handler_cancellation: bool = False, client_timeout: float | None = None
+        self,
+        config: Config,
+        *,
+        handler_cancellation: bool = False,
+        client_timeout: float | None = None,
+        parts: Parts = DEFAULT_PARTS,
     ) -> None:
         self.config = config
         self.app = (
-            create_app(config)
+            create_app(config, parts=parts)
             if client_timeout is None
-            else create_app(config, client_timeout=client_timeout)
+            else create_app(config, client_timeout=client_timeout, parts=parts)
         )
         self._runner = web.AppRunner(self.app, handler_cancellation=handler_cancellation, **server_options())
         self._port = 0
