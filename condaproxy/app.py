@@ -65,7 +65,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     resolver = DigestResolver(catalog, store, fetcher, temp)
     fetcher.expected = resolver
     fetcher.deriver = Deriver(
-        lambda key, channel: fetcher.ensure(key, channel, derive=False), catalog, persist, resolver.blob_file
+        lambda key, channel: fetcher.obtain(key, channel, derive=False), catalog, persist, resolver.blob_file
     )
     metrics.inflight.set_function(lambda: len(inflight))
     auth = ClientAuth(upstream, config.upstream.auth_ttl)

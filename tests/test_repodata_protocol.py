@@ -334,3 +334,21 @@ async def test_real_client_on_a_json_only_channel(
     assert upstream.count("/jsononly/noarch/repodata.json") == 1
     await settle(proxy)
     check_invariants(proxy.config.cache.directory)
+
+
+@pytest.mark.parametrize("name", ["repodata.json.zst", "current_repodata.json"])
+async def test_a_source_failing_makes_the_derived_variant_5xx_never_404(
+    proxy: Proxy, upstream: FakeUpstream, json_only: Path, name: str
+) -> None:
+    # Upstream lacks every variant but repodata.json, which answers 503 just now: conda would
+    # remember a 404 ("no .zst", "no current_repodata") for days, so the answer must be a 5xx.
+    upstream.status("/jsononly/noarch/repodata.json", 503, times=1)
+    failed = await proxy.get(f"/jsononly/noarch/{name}")
+    assert failed.status == 502, (failed.status, failed.body)
+    await settle(proxy)
+    # Nothing negative was remembered: the next request derives it.
+    again = await proxy.get(f"/jsononly/noarch/{name}")
+    assert again.status == 200
+    await settle(proxy)
+    check_invariants(proxy.config.cache.directory)
+
