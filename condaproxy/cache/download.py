@@ -167,15 +167,16 @@ class Fetcher:
             resp.release()
 
     async def _keep(self, unit: Unit, dl: Download, cached: Unit | None) -> None:
-        """Persist a verified download, then keep its variant group in step and learn from it."""
+        """Keep a verified download's variant group in step, persist it and learn from it."""
         key = unit.key
+        if key.kind is Kind.REPODATA and (cached is None or cached.blob_key != unit.blob_key):
+            # New content, and its clients have it already: from now on, cached siblings (.zst
+            # beside .json) must not be served as fresh, not only once this one is stored.
+            await self.catalog.expire(key.channel, key.subdir, variants.siblings(key.filename))
         try:
             await self.persist.persist(unit, dl.temp_path)
         except Exception:
             return  # counted and logged by the persist queue; the client already has its bytes
-        if key.kind is Kind.REPODATA and (cached is None or cached.blob_key != unit.blob_key):
-            # New content: cached siblings (.zst beside .json) must not stay served as fresh.
-            await self.catalog.expire(key.channel, key.subdir, variants.siblings(key.filename))
         if key.kind in (Kind.REPODATA, Kind.SHARD):
             await self._learn(key, dl.temp_path)
 

@@ -103,7 +103,8 @@ class UnitRows(CatalogDB):
     async def revalidated(self, unit: Unit, headers: dict[str, str], now: float) -> Unit | None:
         """Upstream said 304: the cached unit is fresh again, with any refreshed validators.
 
-        None when the row no longer holds unit's blob (replaced or removed meanwhile).
+        None when the row no longer holds unit's blob (replaced or removed meanwhile), or was
+        expired since unit was read: a 304 to a request sent before a sibling changed is stale.
         """
         client_side = headers
         if unit.source is not None:
@@ -120,7 +121,7 @@ class UnitRows(CatalogDB):
         k = unit.key
         async with self._db.execute(
             """UPDATE units SET validated_at=?, headers=?, etag=?, last_modified=?
-               WHERE channel=? AND subdir=? AND filename=? AND blob_key=?""",
+               WHERE channel=? AND subdir=? AND filename=? AND blob_key=? AND validated_at=?""",
             (
                 now,
                 json.dumps(merged),
@@ -130,6 +131,7 @@ class UnitRows(CatalogDB):
                 k.subdir,
                 k.filename,
                 unit.blob_key,
+                unit.validated_at,
             ),
         ) as cur:
             changed = cur.rowcount
@@ -159,8 +161,11 @@ class UnitRows(CatalogDB):
         for key in [k for k in self._rows if (k.channel, k.subdir) == (channel, subdir)]:
             if key.filename in names:
                 del self._rows[key]
+        # Long past, and a new value at each expiry, so that revalidated() can tell that a row
+        # was expired after it was read (a 304 answering an older request must not refresh it).
         await self._db.executemany(
-            "UPDATE units SET validated_at=0 WHERE channel=? AND subdir=? AND filename=?",
+            """UPDATE units SET validated_at=MIN(validated_at, 0) - 1
+               WHERE channel=? AND subdir=? AND filename=?""",
             [(channel, subdir, name) for name in names],
         )
         await self._db.commit()
