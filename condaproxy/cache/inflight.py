@@ -52,8 +52,9 @@ class Download:
         self.error: CondaproxyError | None = None
         self.published = 0
         self.sha256: str | None = None
-        self.subscribers = 0
-        self.ended = False  # the task is over; the temp file goes when the last reader leaves
+        self.subscribers = 0  # readers streaming from it (a relay paces itself to them)
+        self.pins = 0  # requests that may still read the temp file
+        self.ended = False  # the task is over; the temp file goes when the last pin is released
         # Set when the cache disk refused the temp file (full, say): the bytes from there on
         # live only in memory, so only readers attached now can be served; new ones are refused.
         self.spool_error: CondaproxyError | None = None
@@ -161,19 +162,34 @@ class Download:
             return memoryview(chunk)[offset - start : end - start]
         return None
 
+    def pin(self) -> bool:
+        """A request may read the temp file: keep it until unpin(). False once the task ended.
+
+        Pin at once, before any await, after finding the download: it may end at any await,
+        and its temp file goes with its last pin.
+        """
+        if self.ended:
+            return False
+        self.pins += 1
+        return True
+
+    def unpin(self) -> None:
+        """The request is done with the temp file; the last one out after the task ended removes it."""
+        self.pins -= 1
+        self._release()
+
     def attach(self) -> None:
-        """A reader starts streaming from the temp file."""
+        """A (pinned) reader starts streaming from the temp file."""
         self.subscribers += 1
 
     def detach(self) -> None:
-        """A reader is done; the last one out after the task ended removes the temp file."""
+        """A reader is done streaming."""
         self.subscribers -= 1
         self._reader_moved()
-        self._release()
 
     def _release(self) -> None:
         # A reader that kept up from memory may still need the file after the task ended.
-        if self.ended and self.subscribers == 0:
+        if self.ended and self.pins == 0:
             self.temp_path.unlink(missing_ok=True)
 
     @property

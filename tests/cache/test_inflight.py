@@ -483,3 +483,21 @@ async def test_close_right_after_start_fails_readers_and_empties_the_table(table
             await asyncio.wait_for(reader, 0.5)
     finally:
         reader.cancel()
+
+
+async def test_a_pin_keeps_the_temp_file_past_the_end_of_the_download(table: InflightTable) -> None:
+    async def run(dl: Download) -> None:
+        dl.temp_path.write_bytes(b"0123456789")
+        dl.start_body(HEAD)
+        dl.publish(10, b"0123456789", 10)
+        dl.finish(10, SHA)
+
+    dl = table.start(KEY, run)
+    assert dl.pin()  # a request found it, and pinned it before its first await
+    await asyncio.wait_for(dl.task, 1)  # type: ignore[arg-type]
+    await settle()
+    assert dl.ended and dl.temp_path.exists()
+    dl.unpin()
+    await settle()
+    assert not dl.temp_path.exists()
+    assert not dl.pin()  # ended: the caller must look again (the stored copy, or a new fetch)

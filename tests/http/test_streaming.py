@@ -8,8 +8,11 @@ import hashlib
 import aiohttp
 import pytest
 from channel import Channel
+from gates import GATED, GatedCatalog
 from proxy import Proxy, check_invariants
 from upstream import FakeUpstream
+
+from condaproxy.conda.paths import Kind, UnitKey
 
 CH = "/testchan"
 
@@ -179,7 +182,9 @@ async def test_shared_fetch_forwards_no_client_headers(
         assert name not in req.headers
 
 
-async def test_fifty_cold_clients_all_get_whole_bodies(proxy: Proxy, upstream: FakeUpstream, channel: Channel) -> None:
+async def test_fifty_cold_clients_all_get_whole_bodies(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel
+) -> None:
     """Readers that keep up from memory must still find the temp file after the fetch ends."""
     pkg = channel.by_name("cp-big")
     path = f"{CH}/{pkg.url_path}"
@@ -189,3 +194,36 @@ async def test_fifty_cold_clients_all_get_whole_bodies(proxy: Proxy, upstream: F
     assert not bad, f"{len(bad)} of 50 bodies broken: {bad[0].error!r}"
     await proxy.idle()
     check_invariants(proxy.config.cache.directory)
+
+
+async def test_late_joiner_paused_before_attaching_still_gets_the_whole_body(
+    proxy_factory, upstream: FakeUpstream, channel: Channel
+) -> None:
+    """A joiner of a mutable unit reads the catalog first: the download may end meanwhile."""
+    proxy = await proxy_factory(parts=GATED)
+    catalog = proxy.services.catalog
+    assert isinstance(catalog, GatedCatalog)
+    path = f"{CH}/linux-64/repodata.json"
+    want = (channel.path / "linux-64" / "repodata.json").read_bytes()
+    key = UnitKey("testchan", "linux-64", "repodata.json", Kind.REPODATA)
+    hold = upstream.hold(path, 0.5, times=1)
+    assert proxy.session is not None
+    async with proxy.session.get(proxy.url + path) as leader:
+        await asyncio.wait_for(hold.reached.wait(), 10)
+        dl = proxy.services.inflight.get(key)
+        assert dl is not None and dl.task is not None
+        paused = catalog.hold_get(key)
+        joiner = asyncio.ensure_future(proxy.get(path))
+        await asyncio.wait_for(paused.reached.wait(), 10)
+        # While the joiner is paused, the download runs to its end: sent, persisted, gone.
+        hold.release()
+        assert await leader.read() == want
+    await asyncio.wait_for(asyncio.shield(dl.task), 10)
+    await proxy.idle()
+    paused.release()
+    joined = await asyncio.wait_for(joiner, 10)
+    assert joined.error is None and joined.status == 200
+    assert joined.body == want
+    await proxy.idle()
+    check_invariants(proxy.config.cache.directory)
+
