@@ -155,6 +155,18 @@ class Download:
             finally:
                 self._waiting -= 1
 
+    async def wait_verified(self) -> None:
+        """Wait until the whole body is written and verified; raises the fetch's error if it fails."""
+        while self.state is not State.DONE:
+            if self.state is State.FAILED:
+                raise self.error or UpstreamUnavailable("download failed")
+            self._waiting += 1  # it has sent all it may: a relay need not wait for it
+            self._reader_moved()
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
+
     def cached_chunk(self, offset: int, end: int) -> memoryview | None:
         """Bytes [offset, end) if they are all inside the newest chunk in memory (no copy)."""
         start, chunk = self._last

@@ -227,3 +227,52 @@ async def test_late_joiner_paused_before_attaching_still_gets_the_whole_body(
     await proxy.idle()
     check_invariants(proxy.config.cache.directory)
 
+
+@pytest.mark.parametrize("window", ["bytes=0-1023", "bytes=4096-8191"])
+async def test_a_window_of_a_corrupt_download_is_never_a_clean_206(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, window: str
+) -> None:
+    """A corrupting CDN: a window's bytes arrive before the verdict, but its end must wait for it."""
+    pkg = channel.by_name("cp-big")
+    path = f"{CH}/{pkg.url_path}"
+    assert (await proxy.get(f"{CH}/{pkg.subdir}/repodata.json")).status == 200  # digests learned
+    upstream.corrupt(path, times=1)
+    hold = upstream.hold(path, 0.5, times=1)
+    first, last = (int(n) for n in window.removeprefix("bytes=").split("-"))
+    assert proxy.session is not None
+    async with proxy.session.get(proxy.url + path) as leader:
+        await asyncio.wait_for(hold.reached.wait(), 10)
+        async with proxy.session.get(proxy.url + path, headers={"Range": window}) as ranged:
+            assert ranged.status == 206 and ranged.headers["X-Cache"] == "COLLAPSED"
+            assert ranged.headers["Content-Range"] == f"bytes {first}-{last}/{pkg.size}"
+            # All but the window's last byte may go out before the verdict.
+            await asyncio.wait_for(ranged.content.readexactly(last - first), 10)
+            hold.release()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(ranged.read(), 10)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(leader.read(), 10)
+    await proxy.idle()
+    check_invariants(proxy.config.cache.directory)
+
+
+async def test_a_window_of_a_good_download_ends_once_verified(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel
+) -> None:
+    pkg = channel.by_name("cp-big")
+    path = f"{CH}/{pkg.url_path}"
+    assert (await proxy.get(f"{CH}/{pkg.subdir}/repodata.json")).status == 200
+    hold = upstream.hold(path, 0.5, times=1)
+    assert proxy.session is not None
+    async with proxy.session.get(proxy.url + path) as leader:
+        await asyncio.wait_for(hold.reached.wait(), 10)
+        async with proxy.session.get(proxy.url + path, headers={"Range": "bytes=10-1033"}) as ranged:
+            assert ranged.status == 206
+            early = await asyncio.wait_for(ranged.content.readexactly(1023), 10)
+            hold.release()
+            body = early + await asyncio.wait_for(ranged.read(), 10)
+        assert body == pkg.read_bytes()[10:1034]
+        assert await leader.read() == pkg.read_bytes()
+    await proxy.idle()
+    check_invariants(proxy.config.cache.directory)
+
