@@ -45,7 +45,7 @@ async def test_headers_pass_through_with_our_cache_control(
     assert direct, "upstream was asked"
     for resp in (miss, hit):
         assert resp.headers["Cache-Control"] == "public, max-age=86400"
-        assert resp.headers["X-Upstream-Thing"] == "kept"
+        assert "X-Upstream-Thing" not in resp.headers  # packages keep a fixed header set
         assert resp.headers["Content-Length"] == str(pkg.size)
         assert resp.headers["ETag"] and resp.headers["Last-Modified"]
     assert miss.headers["ETag"] == hit.headers["ETag"]
@@ -276,3 +276,31 @@ async def test_a_window_of_a_good_download_ends_once_verified(
     await proxy.idle()
     check_invariants(proxy.config.cache.directory)
 
+
+async def test_packages_and_shards_keep_only_a_fixed_header_set(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel
+) -> None:
+    """One response with a bad header must not be replayed with the package forever."""
+    pkg = channel.by_name("cp-app")
+    path = f"{CH}/{pkg.url_path}"
+    assert (await proxy.get(f"{CH}/{pkg.subdir}/repodata.json")).status == 200
+    bad = {
+        "Content-Encoding": "gzip",
+        "Content-Disposition": "attachment; filename=evil.html",
+        "X-Upstream-Thing": "replayed",
+        "Content-Type": "text/html",
+    }
+    upstream.add_headers(path, bad, times=1)
+    live = await proxy.get(path)
+    await proxy.idle()
+    hit = await proxy.get(path)
+    assert hit.xcache == "HIT"
+    for resp in (live, hit):
+        assert resp.status == 200 and resp.body == pkg.read_bytes()
+        assert "Content-Encoding" not in resp.headers
+        assert "Content-Disposition" not in resp.headers and "X-Upstream-Thing" not in resp.headers
+        assert resp.headers["Content-Type"] == "application/octet-stream"
+        assert resp.headers["ETag"] and resp.headers["Last-Modified"]
+    # A client that decodes what it is told to still gets the package.
+    async with aiohttp.ClientSession() as plain, plain.get(proxy.url + path) as decoded:
+        assert await decoded.read() == pkg.read_bytes()
