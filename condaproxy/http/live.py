@@ -19,6 +19,7 @@ from condaproxy.conda import variants
 from condaproxy.errors import CondaproxyError
 from condaproxy.http.responses import abort, plan_for, text, unit_headers, without_body
 from condaproxy.http.services import Services
+from condaproxy.store.files import open_fd, opened
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ async def _pump(
             chunk: bytes | memoryview | None = dl.cached_chunk(offset, stop)
             if chunk is None:
                 if fd is None:
-                    fd = await loop.run_in_executor(None, os.open, dl.temp_path, os.O_RDONLY)
+                    fd = await opened(open_fd(dl.temp_path, os.O_RDONLY), os.close)
                 chunk = await loop.run_in_executor(None, os.pread, fd, stop - offset, offset)
                 if not chunk:
                     # The bytes are gone (the cache disk refused them): abort, never end cleanly.
