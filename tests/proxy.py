@@ -113,9 +113,9 @@ class Proxy:
             return Response(resp.status, CIMultiDict(resp.headers), bytes(body))
 
     async def idle(self, timeout: float = 10.0) -> None:
-        """Wait until no download is in flight (persisted or dropped)."""
+        """Wait until no download is in flight (persisted or dropped) and its temp file is gone."""
         deadline = time.monotonic() + timeout
-        while len(self.services.inflight):
+        while len(self.services.inflight) or self.services.inflight.removing:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"downloads still in flight: {self.services.inflight._downloads}")
             await asyncio.sleep(0.02)

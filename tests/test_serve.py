@@ -32,7 +32,10 @@ async def test_serve_with_builtin_defaults(tmp_path: Path) -> None:
         pytest.skip("port 8751 is taken on this machine")
     env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "condaproxy", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "condaproxy", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 20
@@ -119,3 +122,34 @@ async def test_tokens_never_reach_logs_or_catalog(
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
     assert all(token not in r.path and token not in str(dict(r.headers)) for r in upstream.requests)
+
+
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+
+
+async def test_temp_files_are_removed_off_the_event_loop(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    """Unlinking a GiB-sized temp file takes a third of a second: never on the loop's thread."""
+    removes = tmp_path / "removes.log"
+    port = free_port()
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "p.ini", cache, upstream.url, port)
+    argv = [sys.executable, str(KILLPOINT), "threads", "os.remove", str(removes), "--"]
+    argv += ["serve", "--config", str(config)]
+    proc = await ProxyProcess(config, port, argv=argv).start()
+    pkg = channel.by_name("cp-big")
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{proc.url}/testchan/{pkg.url_path}") as resp:
+                assert await resp.read() == pkg.read_bytes()
+            deadline = time.monotonic() + 10
+            while list((cache / "tmp").iterdir()):
+                assert time.monotonic() < deadline, "the temp file was never removed"
+                await asyncio.sleep(0.05)
+    finally:
+        proc.stop()
+    removed = [line for line in removes.read_text().splitlines() if ".part" in line]
+    assert removed, "no temp file removal was seen"
+    on_loop = [line for line in removed if line.startswith("MainThread\t")]
+    assert not on_loop, on_loop
