@@ -207,12 +207,21 @@ class ProxyProcess:
         return self.proc.returncode
 
 
-def write_config(path: Path, cache_dir: Path, upstream_url: str, port: int, **extra: str) -> Path:
-    """An INI file for a subprocess proxy bound to 127.0.0.1:port."""
+def write_config(
+    path: Path,
+    cache_dir: Path,
+    upstream_url: str,
+    port: int,
+    *,
+    lazy: Mapping[str, str] | None = None,
+    **extra: str,
+) -> Path:
+    """An INI file for a subprocess proxy bound to 127.0.0.1:port; extra keys go to [cache]."""
     lines = [
         "[lazy]",
         f"streamer_port = {port}",
         "streamer_interface = 127.0.0.1",
+        *(f"{k} = {v}" for k, v in (lazy or {}).items()),
         "[cache]",
         f"directory = {cache_dir}",
         *(f"{k} = {v}" for k, v in extra.items()),
