@@ -239,6 +239,30 @@ async def test_many_waiters_all_wake(tmp_path: Path) -> None:
     assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [10] * 5
 
 
+async def test_wait_verified_waits_for_done_not_for_bytes(tmp_path: Path) -> None:
+    dl = make(tmp_path)
+    dl.start_body(HEAD)
+    waiter = asyncio.create_task(dl.wait_verified())
+    dl.publish(10, b"0123456789", 10)  # every byte is in, none is verified yet
+    await settle()
+    assert not waiter.done()
+    dl.finish(10, SHA)
+    await asyncio.wait_for(waiter, 1)
+    await dl.wait_verified()  # and at once, afterwards
+
+
+async def test_wait_verified_raises_when_the_download_fails(tmp_path: Path) -> None:
+    dl = make(tmp_path)
+    dl.start_body(HEAD)
+    waiter = asyncio.create_task(dl.wait_verified())
+    await settle()
+    err = IntegrityError("sha256 mismatch")
+    dl.fail(err)
+    with pytest.raises(IntegrityError) as info:
+        await asyncio.wait_for(waiter, 1)
+    assert info.value is err
+
+
 def test_cached_chunk_windows(tmp_path: Path) -> None:
     dl = make(tmp_path)
     dl.start_body(HEAD)
