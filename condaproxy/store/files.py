@@ -1,4 +1,4 @@
-"""File helpers shared by the stores, the download task and the streamer: blocking ones (run
+"""File functions shared by the stores, the download task and the streamer: blocking ones (run
 them in an executor), and opened(), which runs an open in the executor without leaking it."""
 
 from __future__ import annotations
