@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from condaproxy.store.blobstore import check_key
-from condaproxy.store.files import fsync_dir
+from condaproxy.store.files import fsync_dir, open_fd, opened
 
 CHUNK = 256 * 1024
 
@@ -91,7 +91,7 @@ class FilesystemStore:
     async def read(self, key: str, offset: int, count: int) -> AsyncIterator[bytes]:
         """Stream count bytes of the blob from offset."""
         loop = asyncio.get_running_loop()
-        fd = await loop.run_in_executor(None, os.open, self._path(key), os.O_RDONLY)
+        fd = await opened(open_fd(self._path(key), os.O_RDONLY), os.close)
         try:
             while count > 0:
                 chunk = await loop.run_in_executor(None, os.pread, fd, min(CHUNK, count), offset)
