@@ -40,6 +40,9 @@ from condaproxy.upstream.headers import passthrough_headers
 
 log = logging.getLogger(__name__)
 
+# Fetched through the upstream pool package downloads never occupy: every solve waits on these.
+METADATA_KINDS = frozenset({Kind.REPODATA, Kind.SHARD_INDEX, Kind.SHARD})
+
 
 class Fetcher:
     """Starts and runs downloads; the only code that talks to upstreams for units."""
@@ -170,11 +173,18 @@ class Fetcher:
             await self._learn(key, dl.temp_path)
 
     async def _open(
-        self, channel: ChannelConfig, key: UnitKey, url: str, validators: Validators | None
+        self,
+        channel: ChannelConfig,
+        key: UnitKey,
+        url: str,
+        validators: Validators | None,
+        *,
+        method: str = "GET",
     ) -> tuple[aiohttp.ClientResponse, str]:
         """upstream.open(url); a package missing there is looked for where its metadata says."""
+        metadata = key.kind in METADATA_KINDS
         try:
-            return await self.upstream.open(channel, url, validators)
+            return await self.upstream.open(channel, url, validators, method=method, metadata=metadata)
         except UpstreamNotFound:
             if key.kind is not Kind.PACKAGE or self.expected is None:
                 raise
@@ -184,7 +194,7 @@ class Fetcher:
             moved = await self._url(channel, key)
             if moved == url:
                 raise
-            return await self.upstream.open(channel, moved, validators)
+            return await self.upstream.open(channel, moved, validators, method=method, metadata=metadata)
 
     async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
         """Where a unit lives: its path on the channel's mirrors, or a URL its metadata named."""
