@@ -23,6 +23,7 @@ from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
 from condaproxy.http.accesslog import AccessLogger, QuietMalformedRequests
+from condaproxy.http.budget import ColdFetches
 from condaproxy.http.guards import read_only
 from condaproxy.http.handlers import handle
 from condaproxy.http.probes import healthz, metrics_view
@@ -67,7 +68,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     metrics.inflight.set_function(lambda: len(inflight))
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
-    app[SERVICES] = Services(config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth)
+    cold = ColdFetches(config.lazy.max_cold_per_client)
+    app[SERVICES] = Services(
+        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold
+    )
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     app[EVICTOR] = evictor = Evictor(config.cache, catalog, store, inflight)
     if config.cache.max_size:

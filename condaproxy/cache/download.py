@@ -19,7 +19,7 @@ from condaproxy.cache import altsource, learning
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.derive import Deriver
 from condaproxy.cache.freshness import Verdict, verdict
-from condaproxy.cache.inflight import Download, InflightTable
+from condaproxy.cache.inflight import Download, Head, InflightTable
 from condaproxy.cache.integrity import ExpectedLookup
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.transfer import Receiver
@@ -89,6 +89,30 @@ class Fetcher:
             raise bad
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
         return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable))
+
+    async def probe(self, key: UnitKey, channel: ChannelConfig) -> Head:
+        """What a GET of a package or shard would start with, without downloading it.
+
+        The channel's metadata when it gives the size (no upstream request at all), else an
+        upstream HEAD. Raises what the GET would meet: a remembered 404, an integrity cooldown.
+        """
+        if (err := self.not_found.get(key)) is not None:
+            raise err
+        if (bad := self.cooldown.get(key)) is not None:
+            raise bad
+        if key.kind is Kind.PACKAGE:
+            known = await self.catalog.expected(key.channel, key.subdir, key.filename)
+            if known is not None and known[1] is not None:
+                return Head({}, known[1])
+        try:
+            resp, _ = await self._open(channel, key, await self._url(channel, key), None, method="HEAD")
+        except UpstreamNotFound as exc:
+            self.not_found[key] = exc
+            raise
+        try:
+            return Head(passthrough_headers(resp.headers), resp.content_length)
+        finally:
+            resp.release()
 
     async def ensure(self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True) -> Unit | None:
         """The unit, complete in the store and fresh, fetching it if need be; None if unavailable.

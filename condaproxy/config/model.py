@@ -25,11 +25,13 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class LazyConfig:
-    """The streamer: where it listens and how long clients may cache immutable units."""
+    """The streamer: where it listens, how long clients may cache immutable units, client bounds."""
 
     streamer_port: int = 8751
     streamer_interface: tuple[str, ...] = ("lo",)
     streamer_cache_timeout: int = 86400
+    # Cold fetches (upstream downloads or HEADs) one client address may have running; 0: no bound.
+    max_cold_per_client: int = 64
 
 
 @dataclass(frozen=True)

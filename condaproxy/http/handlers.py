@@ -19,6 +19,7 @@ from condaproxy.errors import (
     UpstreamError,
     UpstreamNotFound,
 )
+from condaproxy.http import cold
 from condaproxy.http.hits import serve_unit
 from condaproxy.http.live import stream
 from condaproxy.http.responses import text
@@ -75,11 +76,12 @@ async def _serve(
         # Re-check after the await: another request may have started the fetch meanwhile.
         dl = svc.inflight.get(key)
         if dl is None:
-            try:
-                dl = svc.fetcher.start(key, channel, unit)
-            except CondaproxyError as exc:
-                return text(exc.status, str(exc))
-            xcache = "MISS"
+            if request.method == "HEAD" and key.kind.immutable:
+                return await cold.head(request, svc, key, channel)  # never a download for a HEAD
+            started = cold.start(request, svc, key, channel, unit)
+            if isinstance(started, web.Response):
+                return started  # refused: past this client's bound, or known missing
+            dl, xcache = started, "MISS"
     elif not key.kind.immutable:
         unit = await svc.catalog.get(key)  # for a stale fallback if this revalidation fails
         if unit is not None and verdict(unit, now, svc.config) is Verdict.STALE_WHILE_REVALIDATE:

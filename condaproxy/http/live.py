@@ -38,22 +38,23 @@ async def stream(request: web.Request, svc: Services, dl: Download, xcache: str)
     end = head.length if plan.count is None else plan.offset + plan.count
     if end is not None:
         resp.content_length = end - plan.offset
-    await resp.prepare(request)
     if request.method == "HEAD":
+        await resp.prepare(request)
         await resp.write_eof()
         return resp
+    # Attached before any await: from wait_head() to here the download must never look unread.
     dl.attach()
     try:
+        await resp.prepare(request)
         await _pump(request, resp, dl, plan.offset, end)
+        await resp.write_eof()
     except CondaproxyError as exc:
         log.warning("aborting response for %s: %s", dl.key, exc)
         abort(request)
-        return resp
     except ConnectionError:
-        return resp
+        pass
     finally:
         dl.detach()
-    await resp.write_eof()
     return resp
 
 
