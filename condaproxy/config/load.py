@@ -78,6 +78,7 @@ def _lazy(s: Section) -> LazyConfig:
         streamer_port=s.integer("streamer_port", d.streamer_port, minimum=1, maximum=65535),
         streamer_interface=s.interfaces("streamer_interface", d.streamer_interface),
         streamer_cache_timeout=s.integer("streamer_cache_timeout", d.streamer_cache_timeout),
+        send_timeout=s.seconds("send_timeout", d.send_timeout),
         max_cold_per_client=s.integer("max_cold_per_client", d.max_cold_per_client),
     )
 

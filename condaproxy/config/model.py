@@ -30,6 +30,8 @@ class LazyConfig:
     streamer_port: int = 8751
     streamer_interface: tuple[str, ...] = ("lo",)
     streamer_cache_timeout: int = 86400
+    # Seconds a response body may make no progress (a client not reading) before it is cut off.
+    send_timeout: float = 60.0
     # Cold fetches (upstream downloads or HEADs) one client address may have running; 0: no bound.
     max_cold_per_client: int = 64
 

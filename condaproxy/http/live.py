@@ -15,6 +15,7 @@ from aiohttp import web
 from condaproxy.cache.inflight import Download
 from condaproxy.conda import variants
 from condaproxy.errors import CondaproxyError
+from condaproxy.http import sending
 from condaproxy.http.responses import abort, plan_for, unit_headers, without_body
 from condaproxy.http.services import Services
 
@@ -42,12 +43,13 @@ async def stream(request: web.Request, svc: Services, dl: Download, xcache: str)
         await resp.prepare(request)
         await resp.write_eof()
         return resp
+    timeout = svc.config.lazy.send_timeout
     # Attached before any await: from wait_head() to here the download must never look unread.
     dl.attach()
     try:
         await resp.prepare(request)
-        await _pump(request, resp, dl, plan.offset, end)
-        await resp.write_eof()
+        await _pump(request, resp, dl, plan.offset, end, timeout)
+        await sending.write_eof(resp, timeout)
     except CondaproxyError as exc:
         log.warning("aborting response for %s: %s", dl.key, exc)
         abort(request)
@@ -59,7 +61,12 @@ async def stream(request: web.Request, svc: Services, dl: Download, xcache: str)
 
 
 async def _pump(
-    request: web.Request, resp: web.StreamResponse, dl: Download, offset: int, end: int | None
+    request: web.Request,
+    resp: web.StreamResponse,
+    dl: Download,
+    offset: int,
+    end: int | None,
+    timeout: float,
 ) -> None:
     """Copy [offset, end) of the download to the response as it is published."""
     loop = asyncio.get_running_loop()
@@ -82,7 +89,7 @@ async def _pump(
                 if not chunk:
                     # The bytes are gone (the cache disk refused them): abort, never end cleanly.
                     raise CondaproxyError("temporary file shorter than published")
-            await resp.write(chunk)
+            await sending.write(resp, chunk, timeout)  # send_timeout: a client that stops reading
             offset += len(chunk)
         # The window is sent; a whole-body response must still wait for verification.
         if end is not None and (dl.head is None or dl.head.length == end):

@@ -124,9 +124,9 @@ def test_inline_comments_are_stripped(tmp_path: Path) -> None:
 
 
 def test_client_bounds_are_read(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "[lazy]\nmax_cold_per_client = 0\n"))
-    assert config.lazy.max_cold_per_client == 0
-    assert LazyConfig().max_cold_per_client == 64
+    config = load_config(write(tmp_path, "[lazy]\nsend_timeout = 2.5\nmax_cold_per_client = 0\n"))
+    assert (config.lazy.send_timeout, config.lazy.max_cold_per_client) == (2.5, 0)
+    assert (LazyConfig().send_timeout, LazyConfig().max_cold_per_client) == (60.0, 64)
 
 
 def test_relative_directory_is_relative_to_the_config_file(
@@ -235,6 +235,8 @@ BAD = [
     ("[lazy]\nstreamer_port = http\n", "lazy", "streamer_port", "'http'"),
     ("[lazy]\nstreamer_port = \n", "lazy", "streamer_port", "integer"),
     ("[lazy]\nstreamer_cache_timeout = -1\n", "lazy", "streamer_cache_timeout", ">= 0"),
+    ("[lazy]\nsend_timeout = 0\n", "lazy", "send_timeout", "positive"),
+    ("[lazy]\nsend_timeout = a minute\n", "lazy", "send_timeout", "'a minute'"),
     ("[lazy]\nmax_cold_per_client = -1\n", "lazy", "max_cold_per_client", ">= 0"),
     ("[lazy]\nmax_cold_per_client = 6.5\n", "lazy", "max_cold_per_client", "integer"),
     ("[cache]\nrepodata_ttl = 1.5\n", "cache", "repodata_ttl", "integer"),
