@@ -1,23 +1,29 @@
-"""Clients that never read: their responses are cut off after send_timeout."""
+"""Clients that never read: their responses are cut off after send_timeout, and however many
+there are they cannot take the descriptors the proxy needs (listener, catalog, downloads)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 from channel import Channel
 from proxy import (
     Proxy,
+    ProxyProcess,
     RawAnswer,
     check_invariants,
+    free_port,
     make_config,
     parse_answer,
+    write_config,
 )
 from upstream import FakeUpstream
 
@@ -116,3 +122,72 @@ async def test_a_client_that_stops_reading_is_cut_off_after_send_timeout(
         check_invariants(proxy.config.cache.directory)
     finally:
         await proxy.close()
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, deadline: float) -> tuple[int, bytes, int]:
+    """GET url until it is answered 200 (or deadline): status, body, and the 503s met on the way."""
+    refused = 0
+    while True:
+        try:
+            async with session.get(url) as resp:
+                body = await resp.read()
+                if resp.status != 503 or time.monotonic() > deadline:
+                    return resp.status, body, refused
+                refused += 1
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+        except aiohttp.ClientError:
+            if time.monotonic() > deadline:
+                raise
+            refused += 1
+            await asyncio.sleep(0.5)
+
+
+async def test_never_reading_clients_cannot_exhaust_descriptors(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    """360 GETs never read once used up a 256-descriptor limit: accept failed ("Too many open
+    files") and nobody else was served. Now the stalled ones are cut after send_timeout, those
+    past the reserve are turned away with 503, and the proxy serves on."""
+    port = free_port()
+    ini = write_config(
+        tmp_path / "proxy.ini", tmp_path / "cache", upstream.url, port, lazy={"send_timeout": "2"}
+    )
+    proc = await ProxyProcess(ini, port, preexec_fn=_low_fd_limit).start()
+    pkg = channel.by_name("cp-big")
+    url = f"{proc.url}{CH}/{pkg.url_path}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as resp:
+                assert resp.status == 200 and await resp.read() == pkg.read_bytes()
+            await wait_until(lambda: (tmp_path / "cache" / "blobs" / pkg.sha256[:2] / pkg.sha256).exists())
+            before = proc.open_fds()
+
+            stalled = [await never_reading(proc.url, f"{CH}/{pkg.url_path}") for _ in range(360)]
+            # A client coming after them gets its file (once the stalled ones are cut off).
+            status, body, refused = await _fetch(session, url, time.monotonic() + 30)
+            assert status == 200 and body == pkg.read_bytes()
+            async with session.get(f"{proc.url}/healthz") as health:
+                assert health.status == 200
+            # Unread to the end, every one of them is let go by the proxy: cut off or turned away.
+            await wait_until(lambda: all(map(let_go, stalled)), 60, "the proxy to let go of them all")
+            await wait_until(lambda: proc.open_fds() <= before + 8, 30, "descriptors to come back")
+
+        answers = await asyncio.gather(*(read_out(s, 5.0) for s in stalled))
+        cut = sum(a.status == 200 and not a.complete for a in answers)
+        turned_away = sum(a.status == 503 or a.status == 0 for a in answers)  # a 503 may be lost to a reset
+        assert all(a.closed for a in answers)
+        assert cut + turned_away == len(stalled), [a for a in answers if a.status not in (0, 200, 503)]
+        assert cut > 0 and turned_away > 0
+        print(
+            f"360 never-reading clients: {cut} cut off after send_timeout, {turned_away} turned away;"
+            f" the normal client met {refused} refusals first"
+        )
+        assert proc.stop() == 0
+    finally:
+        proc.kill()
+    log = proc.log.read_text()
+    assert "Too many open files" not in log and "Traceback" not in log
