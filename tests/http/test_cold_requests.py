@@ -84,6 +84,13 @@ async def test_a_flood_of_cold_heads_starts_no_download(
     assert len(proxy.services.inflight) == 0
     assert proxy.services.cold.running("127.0.0.1") == 0
 
+    # A shard's size is in no metadata: an upstream HEAD, never a download either.
+    shard = next((channel.path / "noarch" / "shards").iterdir())
+    shard_path = f"{CH}/noarch/shards/{shard.name}"
+    head = await proxy.get(shard_path, method="HEAD")
+    assert head.status == 200 and head.headers["Content-Length"] == str(shard.stat().st_size)
+    assert (upstream.count(shard_path, "HEAD"), upstream.count(shard_path, "GET")) == (1, 0)
+
     # HEAD mirrors GET: what the GET sends (bar the per-response headers) the HEAD sent too.
     path, data = next(iter(ghosts.items()))
     got = await proxy.get(path)
