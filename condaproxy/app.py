@@ -24,6 +24,8 @@ from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
 from condaproxy.http.accesslog import AccessLogger, QuietMalformedRequests
+from condaproxy.http.budget import ColdFetches
+from condaproxy.http.fdreserve import FdReserve, listeners, raise_nofile_limit
 from condaproxy.http.guards import read_only
 from condaproxy.http.handlers import handle
 from condaproxy.http.probes import healthz, metrics_view
@@ -69,7 +71,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     metrics.inflight.set_function(lambda: len(inflight))
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
-    app[SERVICES] = Services(config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth)
+    cold = ColdFetches(config.lazy.max_cold_per_client)
+    app[SERVICES] = Services(
+        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold
+    )
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     app[EVICTOR] = evictor = Evictor(config.cache, catalog, store, inflight)
     if config.cache.max_size:
@@ -131,6 +136,18 @@ class Parts:
 
 DEFAULT_PARTS = Parts()
 
+async def _calibrate(reserve: FdReserve) -> None:
+    reserve.calibrate()
+    log.info(
+        "open files: limit %d, %d held by the proxy; past %d in use requests get 503, past %d"
+        " new connections",
+        reserve.limit,
+        reserve.base,
+        reserve.work_line,
+        reserve.accept_line,
+    )
+
+
 CONFIG = web.AppKey("config", Config)
 PARTS = web.AppKey("parts", Parts)
 DEADLINE = web.AppKey("deadline", Deadline)
@@ -138,14 +155,20 @@ EVICTOR = web.AppKey("evictor", Evictor)
 
 
 def create_app(
-    config: Config, *, client_timeout: float = CLIENT_TIMEOUT, parts: Parts = DEFAULT_PARTS
+    config: Config,
+    *,
+    client_timeout: float = CLIENT_TIMEOUT,
+    parts: Parts = DEFAULT_PARTS,
+    fd_reserve: FdReserve | None = None,
 ) -> web.Application:
     """Build the streamer application for config; nothing starts until the app runs.
 
     client_timeout bounds both the wait for a complete request head and an idle keep-alive.
+    fd_reserve: the descriptors kept from clients (default: from this process's limit).
     """
+    reserve = fd_reserve or FdReserve.current()
     app = web.Application(
-        middlewares=[read_only],
+        middlewares=[read_only] if reserve is None else [read_only, reserve.middleware()],
         handler_args={
             "max_line_size": 8190,
             "max_field_size": 8190,
@@ -164,6 +187,9 @@ def create_app(
     app[DEADLINE] = Deadline(config.lazy.shutdown_grace)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_stop_downloads)
+    if reserve is not None:
+        # After the services' startup: what the proxy holds idle is not the clients'.
+        app.on_startup.append(lambda _: _calibrate(reserve))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/{tail:.*}", handle)
@@ -180,18 +206,21 @@ def run(config: Config) -> None:
     logging.getLogger("aiohttp.server").addFilter(QuietMalformedRequests())
     hosts = bind_addresses(config.lazy.streamer_interface, source=config.source)
     port = config.lazy.streamer_port
-    log.info("condaproxy on %s port %d, cache in %s", ", ".join(hosts), port, config.cache.directory)
+    raise_nofile_limit()
+    reserve = FdReserve.current()
     try:
-        web.run_app(
-            create_app(config),
-            host=hosts,
-            port=port,
-            print=None,
-            # aiohttp waits this long for requests in progress, then again once it cancelled
-            # them: half the grace in all, after the downloads were stopped (_stop_downloads).
-            shutdown_timeout=config.lazy.shutdown_grace / 4,
-            **server_options(),
-        )
+        # Our own listening sockets: their accept() keeps the descriptor reserve (fdreserve.py).
+        socks = listeners(hosts, port, reserve)
     except OSError as exc:
         print(f"condaproxy: cannot listen on {', '.join(hosts)} port {port}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
+    log.info("condaproxy on %s port %d, cache in %s", ", ".join(hosts), port, config.cache.directory)
+    web.run_app(
+        create_app(config, fd_reserve=reserve),
+        sock=socks,
+        print=None,
+        # aiohttp waits this long for requests in progress, then again once it cancelled them:
+        # half the grace in all, after the downloads were stopped (_stop_downloads).
+        shutdown_timeout=config.lazy.shutdown_grace / 4,
+        **server_options(),
+    )

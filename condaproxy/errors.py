@@ -81,3 +81,13 @@ class CatalogBusy(CondaproxyError):
     """SQLite stayed locked beyond its timeout."""
 
     status = 503
+
+
+class DownloadAbandoned(CondaproxyError):
+    """A download that could never be cached lost its last reader, and was stopped."""
+
+    status = 503
+
+
+class ClientStalled(CondaproxyError):
+    """A client accepted no response bytes for send_timeout seconds: its response is cut off."""

@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -132,7 +132,8 @@ class ProxyProcess:
     """`python -m condaproxy serve --config FILE` as a real child process.
 
     ``argv`` replaces the command (e.g. a launcher that installs an audit hook first); ``env``
-    is added to the environment.
+    is added to the environment; ``preexec_fn`` runs in the child before it starts (resource
+    limits, say).
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class ProxyProcess:
         *,
         argv: Sequence[str] | None = None,
         env: Mapping[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.config_file = config_file
         self.port = port
@@ -149,6 +151,7 @@ class ProxyProcess:
         self.log = config_file.with_suffix(".log")
         self.argv = list(argv or [sys.executable, "-m", "condaproxy", "serve", "--config", str(config_file)])
         self.env = {**os.environ, **(env or {})}
+        self.preexec_fn = preexec_fn
 
     @property
     def pid(self) -> int:
@@ -172,7 +175,9 @@ class ProxyProcess:
     async def start(self, timeout: float = 20.0) -> ProxyProcess:
         """Start and wait until /healthz answers."""
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=self.preexec_fn
+            )
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while True:

@@ -19,7 +19,7 @@ from condaproxy.cache import altsource, learning
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.derive import Deriver
 from condaproxy.cache.freshness import Verdict, verdict
-from condaproxy.cache.inflight import Download, InflightTable
+from condaproxy.cache.inflight import Download, Head, InflightTable
 from condaproxy.cache.integrity import ExpectedLookup
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.transfer import Receiver
@@ -39,6 +39,9 @@ from condaproxy.upstream.client import Upstream, Validators
 from condaproxy.upstream.headers import passthrough_headers
 
 log = logging.getLogger(__name__)
+
+# Fetched through the upstream pool package downloads never occupy: every solve waits on these.
+METADATA_KINDS = frozenset({Kind.REPODATA, Kind.SHARD_INDEX, Kind.SHARD})
 
 
 class Fetcher:
@@ -86,6 +89,30 @@ class Fetcher:
             raise bad
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
         return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable))
+
+    async def probe(self, key: UnitKey, channel: ChannelConfig) -> Head:
+        """What a GET of a package or shard would start with, without downloading it.
+
+        The channel's metadata when it gives the size (no upstream request at all), else an
+        upstream HEAD. Raises what the GET would meet: a remembered 404, an integrity cooldown.
+        """
+        if (err := self.not_found.get(key)) is not None:
+            raise err
+        if (bad := self.cooldown.get(key)) is not None:
+            raise bad
+        if key.kind is Kind.PACKAGE:
+            known = await self.catalog.expected(key.channel, key.subdir, key.filename)
+            if known is not None and known[1] is not None:
+                return Head({}, known[1])
+        try:
+            resp, _ = await self._open(channel, key, await self._url(channel, key), None, method="HEAD")
+        except UpstreamNotFound as exc:
+            self.not_found[key] = exc
+            raise
+        try:
+            return Head(passthrough_headers(resp.headers), resp.content_length)
+        finally:
+            resp.release()
 
     async def ensure(self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True) -> Unit | None:
         """The unit, complete in the store and fresh, fetching it if need be; None if unavailable."""
@@ -181,11 +208,18 @@ class Fetcher:
             await self._learn(key, dl.temp_path)
 
     async def _open(
-        self, channel: ChannelConfig, key: UnitKey, url: str, validators: Validators | None
+        self,
+        channel: ChannelConfig,
+        key: UnitKey,
+        url: str,
+        validators: Validators | None,
+        *,
+        method: str = "GET",
     ) -> tuple[aiohttp.ClientResponse, str]:
         """upstream.open(url); a package missing there is looked for where its metadata says."""
+        metadata = key.kind in METADATA_KINDS
         try:
-            return await self.upstream.open(channel, url, validators)
+            return await self.upstream.open(channel, url, validators, method=method, metadata=metadata)
         except UpstreamNotFound:
             if key.kind is Kind.SHARD:
                 # A client may hold an index the proxy no longer caches, and so no longer knows the
@@ -201,7 +235,7 @@ class Fetcher:
             moved = await self._url(channel, key)
             if moved == url:
                 raise
-            return await self.upstream.open(channel, moved, validators)
+            return await self.upstream.open(channel, moved, validators, method=method, metadata=metadata)
 
     async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
         """Where a unit lives: its path on the channel's mirrors, or a URL its metadata named."""

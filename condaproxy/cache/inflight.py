@@ -67,6 +67,10 @@ class Download:
         self.pins = 0  # requests that may still read the temp file
         self.ended = False  # the task is over; the temp file goes when the last pin is released
         self._removed = False
+        # Requests waiting for the head: readers to be, whose leaving also counts (unread).
+        self._head_waiters = 0
+        self._wanted = False  # some request has ever waited for or read this download
+        self.uncacheable = False  # known never to reach the store (nothing vouches for it)
         # Set when the cache disk refused the temp file (full, say): the bytes from there on
         # live only in memory, so only readers attached now can be served; new ones are refused.
         self.spool_error: CondaproxyError | None = None
@@ -117,6 +121,11 @@ class Download:
     def stop_spooling(self, error: CondaproxyError) -> None:
         """The temp file stops growing: readers from now on are refused with error."""
         self.spool_error = error
+        self.uncacheable = True
+
+    def never_cached(self) -> None:
+        """The unit is known never to be stored: once nobody reads it, it is abandoned."""
+        self.uncacheable = True
 
     async def readers_caught_up(self) -> None:
         """Wait until every attached reader has sent all published bytes (relay without a spool)."""
@@ -142,8 +151,13 @@ class Download:
 
     async def wait_head(self) -> State:
         """Wait until the outcome before the body is known; raises the fetch's error."""
-        while self.state is State.CONNECTING:
-            await self._changed.wait()
+        self._wanted = True
+        self._head_waiters += 1
+        try:
+            while self.state is State.CONNECTING:
+                await self._changed.wait()
+        finally:
+            self._head_waiters -= 1
         if self.state is State.FAILED and self.error is not None:
             raise self.error
         if self.spool_error is not None and self.state in (State.STREAMING, State.DONE):
@@ -194,6 +208,7 @@ class Download:
         """
         if self.ended:
             return False
+        self._wanted = True
         self.pins += 1
         return True
 
@@ -204,6 +219,7 @@ class Download:
 
     def attach(self) -> None:
         """A (pinned) reader starts streaming from the temp file."""
+        self._wanted = True
         self.subscribers += 1
 
     def detach(self) -> None:
@@ -216,6 +232,20 @@ class Download:
         if self.ended and self.pins == 0 and not self._removed:
             self._removed = True
             self._remove(self.temp_path)
+
+    @property
+    def unread(self) -> bool:
+        """Requests wanted this download, and every one of them has gone: nobody reads it now."""
+        return self._wanted and self.subscribers == 0 and self._head_waiters == 0 and self.pins == 0
+
+    @property
+    def abandoned(self) -> bool:
+        """Nobody reads it and nobody ever will get it from the store: fetching on is waste.
+
+        Rule 3 keeps a download nobody reads for those who come later; one that cannot be
+        cached serves nobody later (a newcomer joining before it stops keeps it going).
+        """
+        return self.uncacheable and self.unread
 
     @property
     def complete(self) -> bool:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.inflight import Download
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import IntegrityError
@@ -46,6 +47,21 @@ async def start_lookup(
     if known[1] is not None and length is not None and known[1] != length:
         raise IntegrityError(f"{key}: upstream announces {length} bytes, channel says {known[1]}")
     return lookup, known[1]
+
+
+def watch(dl: Download, lookup: Lookup | None) -> None:
+    """Tell dl as soon as it is known that nothing vouches for its package: it is never cached."""
+    if dl.key.kind is not Kind.PACKAGE:
+        return
+    if lookup is None:
+        dl.never_cached()
+        return
+
+    def resolved(done: Lookup) -> None:
+        if not done.cancelled() and done.exception() is None and done.result() is None:
+            dl.never_cached()
+
+    lookup.add_done_callback(resolved)
 
 
 async def verify(key: UnitKey, sha: str, size: int, lookup: Lookup | None, metrics: Metrics) -> bool:

@@ -23,6 +23,7 @@ from condaproxy.conda.paths import Kind
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import (
     CondaproxyError,
+    DownloadAbandoned,
     IntegrityError,
     TruncatedError,
     UpstreamTimeout,
@@ -67,6 +68,7 @@ class Receiver:
         hold = Holdback.of(key, channel, headers, self._catalog)
         buffered = buffered or hold is not None
         lookup, want_size = await integrity.start_lookup(self._catalog, expected, key, channel, length)
+        integrity.watch(dl, lookup)
         spool = Spool(dl, self._metrics)
         loop = asyncio.get_running_loop()
         try:
@@ -92,6 +94,8 @@ class Receiver:
                         buffered, body_path = await hold.feed(dl, chunk, head, body_path)
                     if not buffered:
                         dl.publish(written, chunk, written if cap is None else min(written, cap))
+                        if dl.abandoned:  # never to be cached, and its last reader has gone
+                            raise DownloadAbandoned(f"{key}: nobody reads it and it cannot be cached")
                         if not spool.spooling:
                             await spool.pace(channel)
             except TimeoutError as exc:

@@ -79,6 +79,8 @@ def _lazy(s: Section) -> LazyConfig:
         streamer_interface=s.interfaces("streamer_interface", d.streamer_interface),
         streamer_cache_timeout=s.integer("streamer_cache_timeout", d.streamer_cache_timeout),
         shutdown_grace=s.seconds("shutdown_grace", d.shutdown_grace),
+        send_timeout=s.seconds("send_timeout", d.send_timeout),
+        max_cold_per_client=s.integer("max_cold_per_client", d.max_cold_per_client),
     )
 
 

@@ -25,12 +25,16 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class LazyConfig:
-    """The streamer: where it listens, how long clients may cache immutable units, how it stops."""
+    """The streamer: where it listens, client cache lifetimes, bounds on clients, how it stops."""
 
     streamer_port: int = 8751
     streamer_interface: tuple[str, ...] = ("lo",)
     streamer_cache_timeout: int = 86400
     shutdown_grace: float = 20.0  # seconds from SIGTERM to exit (systemd's TimeoutStopSec is more)
+    # Seconds a response body may make no progress (a client not reading) before it is cut off.
+    send_timeout: float = 60.0
+    # Cold fetches (upstream downloads or HEADs) one client address may have running; 0: no bound.
+    max_cold_per_client: int = 64
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from condaproxy.errors import (
     UpstreamError,
     UpstreamNotFound,
 )
+from condaproxy.http import cold
 from condaproxy.http.hits import serve_unit
 from condaproxy.http.live import stream
 from condaproxy.http.responses import text
@@ -78,11 +79,12 @@ async def _serve(
     dl = svc.inflight.get(key)
     xcache = "COLLAPSED"
     if dl is None:
-        try:
-            dl = svc.fetcher.start(key, channel, unit)
-        except CondaproxyError as exc:
-            return text(exc.status, str(exc))
-        xcache = "MISS"
+        if request.method == "HEAD" and key.kind.immutable:
+            return await cold.head(request, svc, key, channel)  # never a download for a HEAD
+        started = cold.start(request, svc, key, channel, unit)
+        if isinstance(started, web.Response):
+            return started  # refused: past this client's bound, or known missing
+        dl, xcache = started, "MISS"
     return await _follow(request, svc, channel, dl, xcache, unit, now, look_up=False)
 
 

@@ -3,7 +3,6 @@ and the gzip/zstd-coded copies of repodata a client accepts."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -19,7 +18,8 @@ from condaproxy.conda import variants
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import CondaproxyError
-from condaproxy.http.responses import plan_for, unit_headers, without_body
+from condaproxy.http import sending
+from condaproxy.http.responses import abort, plan_for, unit_headers, without_body
 from condaproxy.http.services import Services
 from condaproxy.store.files import opened
 
@@ -84,7 +84,6 @@ async def _serve_blob(
     request: web.Request, svc: Services, unit: Unit, xcache: str, extra: dict[str, str]
 ) -> web.StreamResponse | None:
     """Send a stored unit: sendfile for local blobs, Range and conditionals honoured."""
-    loop = asyncio.get_running_loop()
     local = svc.store.local_path(unit.blob_key)
     fobj: IO[bytes] | None = None
     if local is not None:
@@ -111,12 +110,19 @@ async def _serve_blob(
         if request.method == "HEAD" or count == 0:
             await resp.write_eof()
             return resp
-        if fobj is not None and request.transport is not None:
-            await loop.sendfile(request.transport, fobj, plan.offset, count)
-        else:
-            async for chunk in svc.store.read(unit.blob_key, plan.offset, count):
-                await resp.write(chunk)
-        await resp.write_eof()
+        timeout = svc.config.lazy.send_timeout
+        try:
+            if fobj is not None and request.transport is not None:
+                await sending.sendfile(request.transport, fobj, plan.offset, count, timeout)
+            else:
+                async for chunk in svc.store.read(unit.blob_key, plan.offset, count):
+                    await sending.write(resp, chunk, timeout)
+            await sending.write_eof(resp, timeout)
+        except CondaproxyError as exc:
+            log.warning("aborting response for %s: %s", unit.key, exc)
+            abort(request)
+        except ConnectionError:
+            pass  # the client went away
         return resp
     finally:
         if fobj is not None:

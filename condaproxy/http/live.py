@@ -17,6 +17,7 @@ from aiohttp import web
 from condaproxy.cache.inflight import Download
 from condaproxy.conda import variants
 from condaproxy.errors import CondaproxyError
+from condaproxy.http import sending
 from condaproxy.http.responses import abort, plan_for, text, unit_headers, without_body
 from condaproxy.http.services import Services
 from condaproxy.store.files import open_fd, opened
@@ -47,27 +48,34 @@ async def stream(request: web.Request, svc: Services, dl: Download, xcache: str)
     resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
     if end is not None:
         resp.content_length = end - plan.offset
-    await resp.prepare(request)
     if request.method == "HEAD":
+        await resp.prepare(request)
         await resp.write_eof()
         return resp
+    timeout = svc.config.lazy.send_timeout
+    # Attached before any await: from wait_head() to here the download must never look unread.
     dl.attach()
     try:
-        await _pump(request, resp, dl, plan.offset, end)
+        await resp.prepare(request)
+        await _pump(request, resp, dl, plan.offset, end, timeout)
+        await sending.write_eof(resp, timeout)
     except CondaproxyError as exc:
         log.warning("aborting response for %s: %s", dl.key, exc)
         abort(request)
-        return resp
     except ConnectionError:
-        return resp
+        pass
     finally:
         dl.detach()
-    await resp.write_eof()
     return resp
 
 
 async def _pump(
-    request: web.Request, resp: web.StreamResponse, dl: Download, offset: int, end: int | None
+    request: web.Request,
+    resp: web.StreamResponse,
+    dl: Download,
+    offset: int,
+    end: int | None,
+    timeout: float,
 ) -> None:
     """Copy [offset, end) of the download to the response as it is published.
 
@@ -96,7 +104,7 @@ async def _pump(
                 if not chunk:
                     # The bytes are gone (the cache disk refused them): abort, never end cleanly.
                     raise CondaproxyError("temporary file shorter than published")
-            await resp.write(chunk)
+            await sending.write(resp, chunk, timeout)  # send_timeout: a client that stops reading
             offset += len(chunk)
     finally:
         if fd is not None:

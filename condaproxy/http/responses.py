@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
+
 from aiohttp import web
 
 from condaproxy.cache.freshness import cache_control
@@ -24,9 +28,19 @@ def text(
 
 
 def abort(request: web.BaseRequest) -> None:
-    # Drop the connection: the client sees a broken transfer, never a clean short body.
-    if request.transport is not None:
-        request.transport.abort()
+    """Drop the connection with a reset: the client sees a broken transfer, never a clean end.
+
+    Without SO_LINGER 0 the kernel would keep an unread response's buffered bytes (megabytes,
+    for a client that stopped reading) for minutes, then end them with a FIN.
+    """
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def unit_headers(config: Config, key: UnitKey, base: dict[str, str], xcache: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from condaproxy.cache.download import Fetcher
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.config.model import Config
+from condaproxy.http.budget import ColdFetches
 from condaproxy.metrics import Metrics
 from condaproxy.store.blobstore import BlobStore
 from condaproxy.upstream.admission import ClientAuth
@@ -30,6 +31,7 @@ class Services:
     fetcher: Fetcher
     metrics: Metrics
     auth: ClientAuth
+    cold: ColdFetches
 
 
 SERVICES = web.AppKey("services", Services)

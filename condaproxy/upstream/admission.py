@@ -77,7 +77,7 @@ class ClientAuth:
 
     async def _ask(self, channel: ChannelConfig, token: str, ident: tuple[str, bytes]) -> bool:
         try:
-            resp, _ = await self._upstream.open(replace(channel, token=token), PROBE_PATH)
+            resp, _ = await self._upstream.open(replace(channel, token=token), PROBE_PATH, metadata=True)
             resp.release()
             accepted = True
         except (UpstreamNotFound, UpstreamRefused):

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import aiohttp
 from yarl import URL
@@ -72,29 +73,100 @@ def _all_failed(failures: list[tuple[str, UpstreamError]]) -> UpstreamError:
     return UpstreamUnavailable(message)
 
 
+class _PoolWait:
+    """Holds the connect deadline still while a request waits for a pooled connection.
+
+    connect_timeout bounds connecting and waiting for the response headers; the wait for a free
+    connection is queueing behind our own downloads, not the upstream being slow, and must not
+    turn into a 504. aiohttp reports the wait through its connection-queued trace signals.
+    """
+
+    def __init__(self, deadline: asyncio.Timeout) -> None:
+        self._deadline = deadline
+        self._left: float | None = None
+
+    def pause(self) -> None:
+        """The request starts waiting for a free connection."""
+        when = self._deadline.when()
+        if when is not None and self._left is None:
+            self._left = when - asyncio.get_running_loop().time()
+            self._deadline.reschedule(None)
+
+    def resume(self) -> None:
+        """The request got a connection (or may make one): the deadline runs again."""
+        if self._left is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time() + self._left)
+            self._left = None
+
+
+async def _queued(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
+    if isinstance(wait := ctx.trace_request_ctx, _PoolWait):
+        wait.pause()
+
+
+async def _dequeued(_: aiohttp.ClientSession, ctx: SimpleNamespace, __: object) -> None:
+    if isinstance(wait := ctx.trace_request_ctx, _PoolWait):
+        wait.resume()
+
+
+@dataclass(frozen=True, slots=True)
+class _How:
+    """How a unit is asked for: the method, and which pool the request goes through."""
+
+    method: str
+    metadata: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Pools:
+    """One TLS identity's two connection pools, so that metadata never queues behind packages.
+
+    Repodata, shard indexes and shards are small and gate every solve; package downloads are
+    large and may hold all of a host's connections for minutes.
+    """
+
+    metadata: aiohttp.ClientSession
+    bulk: aiohttp.ClientSession
+
+    def pick(self, metadata: bool) -> aiohttp.ClientSession:
+        """The pool for a metadata request, or for anything else."""
+        return self.metadata if metadata else self.bulk
+
+    async def close(self) -> None:
+        """Close both pools."""
+        await asyncio.gather(self.metadata.close(), self.bulk.close())
+
+
 class Upstream:
     """Opens upstream responses; the caller reads the body and must release the response.
 
-    One session (connection pool) per TLS identity, so a connection made with one channel's
-    client certificate is never reused for another. Other origins never see the certificate,
-    and redirect targets there are reached through pools that resolve names to public
-    addresses only. (Hosts the channel's metadata names, such as a CEP-16 shards_base_url,
-    are allowed as DESIGN rule 8 says: the shards they serve are checked against their names.)
+    One pair of sessions (connection pools: metadata, and everything else) per TLS identity, so
+    a connection made with one channel's client certificate is never reused for another. Other
+    origins never see the certificate, and redirect targets there are reached through pools that
+    resolve names to public addresses only. (Hosts the channel's metadata names, such as a
+    CEP-16 shards_base_url, are allowed as DESIGN rule 8 says: the shards they serve are checked
+    against their names.)
     """
 
     def __init__(self, *, mirror_ttl: float = REMEMBER_SECONDS) -> None:
         self.mirrors = MirrorMemory(mirror_ttl)
         self._public = PublicResolver()
-        self._sessions: dict[tuple[TlsIdentity, bool], aiohttp.ClientSession] = {
-            (TlsIdentity(), False): self._new_session(True, public_only=False)
+        self._sessions: dict[tuple[TlsIdentity, bool], _Pools] = {
+            (TlsIdentity(), False): self._new_pools(True, public_only=False)
         }
         self._building = asyncio.Lock()
         self._closed = False
 
     @property
     def pools(self) -> frozenset[tuple[TlsIdentity, bool]]:
-        """The open sessions, as (TLS identity, public addresses only)."""
+        """The open session pairs, as (TLS identity, public addresses only)."""
         return frozenset(self._sessions)
+
+    def _new_pools(self, context: ssl.SSLContext | bool, *, public_only: bool) -> _Pools:
+        return _Pools(
+            self._new_session(context, public_only=public_only),
+            self._new_session(context, public_only=public_only),
+        )
 
     def _new_session(self, context: ssl.SSLContext | bool, *, public_only: bool) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -104,6 +176,9 @@ class Upstream:
             ssl=context,
             resolver=self._public if public_only else None,
         )
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_queued_start.append(_queued)
+        trace.on_connection_queued_end.append(_dequeued)
         return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -112,29 +187,28 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None),
             # Fetches are shared by every client: no upstream state may carry from one to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[trace],
         )
 
     async def close(self) -> None:
         """Close every session and its connections; safe to call twice."""
         self._closed = True
-        sessions = list(self._sessions.values())
+        pools = list(self._sessions.values())
         self._sessions.clear()
         try:
-            await asyncio.gather(*(session.close() for session in sessions))
+            await asyncio.gather(*(p.close() for p in pools))
         finally:
             await self._public.close()
 
-    async def _session(
-        self, channel: ChannelConfig, *, own: bool, public_only: bool
-    ) -> aiohttp.ClientSession:
+    async def _session(self, channel: ChannelConfig, *, own: bool, public_only: bool) -> _Pools:
         # Another origin trusts what the channel trusts, but never sees its client certificate.
         identity = channel.tls if own else TlsIdentity(channel.ca_bundle)
         key = (identity, public_only)
-        if (session := self._sessions.get(key)) is not None:
-            return session
+        if (pools := self._sessions.get(key)) is not None:
+            return pools
         async with self._building:
-            if (session := self._sessions.get(key)) is not None:
-                return session
+            if (pools := self._sessions.get(key)) is not None:
+                return pools
             if self._closed:
                 raise UpstreamUnavailable("the proxy is shutting down")
             context: ssl.SSLContext | bool = True  # aiohttp's verifying default context
@@ -145,31 +219,40 @@ class Upstream:
                     context = await loop.run_in_executor(None, build_context, identity)
                 except TlsSetupError as exc:
                     raise UpstreamUnavailable(f"TLS setup of channel {channel.name} failed: {exc}") from exc
-            session = self._sessions[key] = self._new_session(context, public_only=public_only)
-            return session
+            pools = self._sessions[key] = self._new_pools(context, public_only=public_only)
+            return pools
 
     async def open(
-        self, channel: ChannelConfig, where: str, validators: Validators | None = None
+        self,
+        channel: ChannelConfig,
+        where: str,
+        validators: Validators | None = None,
+        *,
+        method: str = "GET",
+        metadata: bool = False,
     ) -> tuple[aiohttp.ClientResponse, str]:
         """GET where (a path on the channel, or a URL its metadata named): response and redacted URL.
 
         The response is a 200 or 304 with its body unread. A path is asked of the channel's
         mirrors in turn: connect errors, timeouts before headers and 5xx move on to the next;
         404 and other 4xx do not (the file is missing, or refused, wherever it is asked for).
+        method="HEAD" asks for the headers only; metadata=True (repodata, shard indexes, shards)
+        uses the connection pool that package downloads never occupy.
         """
         conditional = _conditional(validators)
+        how = _How(method, metadata)
         try:
             located = locate(channel, where)
         except ValueError:
             raise UpstreamUnavailable("upstream metadata names a malformed URL") from None
         if isinstance(located, URL):
-            return await self._get(channel, located, conditional, named=True)
+            return await self._get(channel, located, conditional, how, named=True)
         failures: list[tuple[str, UpstreamError]] = []
         order = self.mirrors.order(channel)
         for index, base in enumerate(order):
             try:
                 url = URL(unit_url(base, located, channel.token))
-                resp, served = await self._get(channel, url, conditional)
+                resp, served = await self._get(channel, url, conditional, how)
             except (UpstreamUnavailable, UpstreamTimeout) as exc:
                 failures.append((redacted_url(base), exc))
                 if index + 1 < len(order):
@@ -180,9 +263,15 @@ class Upstream:
         raise _all_failed(failures)
 
     async def _get(
-        self, channel: ChannelConfig, url: URL, conditional: dict[str, str], *, named: bool = False
+        self,
+        channel: ChannelConfig,
+        url: URL,
+        conditional: dict[str, str],
+        how: _How,
+        *,
+        named: bool = False,
     ) -> tuple[aiohttp.ClientResponse, str]:
-        """GET url (named: by the channel's metadata), following allowed redirects.
+        """Ask for url (named: by the channel's metadata), following allowed redirects.
 
         Credentials and the client certificate go only to the channel's own origins.
         """
@@ -194,7 +283,10 @@ class Upstream:
         target = url
         hint = ""  # for a connection closed during the handshake: TLS 1.3 reports no reason
         try:
-            async with asyncio.timeout(channel.connect_timeout):
+            # Connecting and the wait for headers, redirects included; not the wait for a pooled
+            # connection (_PoolWait), which only says our own downloads keep the pool busy.
+            async with asyncio.timeout(channel.connect_timeout) as deadline:
+                pool_wait = _PoolWait(deadline)
                 for _ in range(MAX_REDIRECTS + 1):
                     own = any(same_origin(base, target) for base in bases)
                     allowed = own or (named and same_origin(url, target))
@@ -202,9 +294,16 @@ class Upstream:
                         raise UpstreamUnavailable(f"upstream redirect to {why} refused")
                     bare = own and target.scheme == "https" and channel.client_cert is None
                     hint = " (it may require a client certificate: see client_cert)" if bare else ""
-                    session = await self._session(channel, own=own, public_only=not allowed)
+                    pools = await self._session(channel, own=own, public_only=not allowed)
                     headers = {**conditional, **credentials} if own else conditional
-                    resp = await session.get(target, headers=headers, timeout=timeout, allow_redirects=False)
+                    resp = await pools.pick(how.metadata).request(
+                        how.method,
+                        target,
+                        headers=headers,
+                        timeout=timeout,
+                        allow_redirects=False,
+                        trace_request_ctx=pool_wait,
+                    )
                     if resp.status not in REDIRECT_STATUSES:
                         break
                     location = resp.headers.get("Location")

@@ -123,6 +123,12 @@ def test_inline_comments_are_stripped(tmp_path: Path) -> None:
     assert config.upstream.default == "https://mirror.example/conda"
 
 
+def test_client_bounds_are_read(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[lazy]\nsend_timeout = 2.5\nmax_cold_per_client = 0\n"))
+    assert (config.lazy.send_timeout, config.lazy.max_cold_per_client) == (2.5, 0)
+    assert (LazyConfig().send_timeout, LazyConfig().max_cold_per_client) == (60.0, 64)
+
+
 def test_relative_directory_is_relative_to_the_config_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,6 +236,10 @@ BAD = [
     ("[lazy]\nstreamer_port = \n", "lazy", "streamer_port", "integer"),
     ("[lazy]\nstreamer_cache_timeout = -1\n", "lazy", "streamer_cache_timeout", ">= 0"),
     ("[lazy]\nshutdown_grace = 0\n", "lazy", "shutdown_grace", "positive"),
+    ("[lazy]\nsend_timeout = 0\n", "lazy", "send_timeout", "positive"),
+    ("[lazy]\nsend_timeout = a minute\n", "lazy", "send_timeout", "'a minute'"),
+    ("[lazy]\nmax_cold_per_client = -1\n", "lazy", "max_cold_per_client", ">= 0"),
+    ("[lazy]\nmax_cold_per_client = 6.5\n", "lazy", "max_cold_per_client", "integer"),
     ("[cache]\nrepodata_ttl = 1.5\n", "cache", "repodata_ttl", "integer"),
     ("[cache]\nnegative_ttl = 1_000\n", "cache", "negative_ttl", "integer"),
     ("[cache]\nmax_stale = -5\n", "cache", "max_stale", "integer"),
