@@ -28,9 +28,21 @@ def abort(request: web.BaseRequest) -> None:
         request.transport.abort()
 
 
-def unit_headers(config: Config, key: UnitKey, base: dict[str, str], xcache: str) -> dict[str, str]:
+RELEASE = "X-Condaproxy-Release"
+
+
+def unit_headers(
+    config: Config, key: UnitKey, base: dict[str, str], xcache: str, now: float | None = None
+) -> dict[str, str]:
+    """The headers of a unit response; a document made by a policy says when to ask again."""
     headers = dict(base)
-    headers["Cache-Control"] = cache_control(key.kind, config)
+    # Upstream's Cache-Control is never stored (upstream.headers): one here is the proxy's own.
+    headers["Cache-Control"] = base.get("Cache-Control") or cache_control(key.kind, config)
+    release = base.get(RELEASE)
+    if release is not None and now is not None:
+        # No longer than until the next held record comes of age (policy documents).
+        remaining = max(0, int(float(release) - now))
+        headers["Cache-Control"] = f"public, max-age={min(remaining, config.cache.repodata_ttl)}"
     headers["X-Cache"] = xcache
     headers["Accept-Ranges"] = "bytes"
     return headers

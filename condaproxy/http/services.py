@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -10,6 +11,7 @@ from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.download import Fetcher
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.policies import Clock, PolicyBook
 from condaproxy.config.model import Config
 from condaproxy.metrics import Metrics
 from condaproxy.store.blobstore import BlobStore
@@ -30,6 +32,8 @@ class Services:
     fetcher: Fetcher
     metrics: Metrics
     auth: ClientAuth
+    policies: PolicyBook
+    clock: Clock = field(default=time.time)
 
 
 SERVICES = web.AppKey("services", Services)

@@ -153,9 +153,10 @@ async def test_units_are_keyed_by_channel_subdir_and_filename(catalog: Catalog) 
 
 
 async def test_complete_replacing_returns_the_orphaned_blob(catalog: Catalog) -> None:
-    await catalog.complete(unit(REPO, BLOB_A))
-    assert await catalog.complete(unit(REPO, BLOB_B, etag='"v2"')) == BLOB_A
-    got = await catalog.get(REPO)
+    # (A replaced repodata.json keeps its blob as a revision: see test_revisions.py.)
+    await catalog.complete(unit(ROOT, BLOB_A))
+    assert await catalog.complete(unit(ROOT, BLOB_B, etag='"v2"')) == BLOB_A
+    got = await catalog.get(ROOT)
     assert got is not None and got.blob_key == BLOB_B and got.etag == '"v2"'
 
 
@@ -235,26 +236,26 @@ async def test_revalidated_without_new_validators_keeps_old_ones(catalog: Catalo
 
 async def test_revalidating_a_removed_unit_does_not_resurrect_it(catalog: Catalog) -> None:
     # Eviction may remove the row (and delete its blob) while a conditional GET is in flight.
-    u = unit(REPO)
+    u = unit(ROOT)
     await catalog.complete(u)
-    assert await catalog.remove(REPO) == BLOB_A  # caller deletes BLOB_A from the store
+    assert await catalog.remove(ROOT) == BLOB_A  # caller deletes BLOB_A from the store
     assert await catalog.revalidated(u, {"ETag": '"v2"'}, 5000.0) is None
-    assert await catalog.get(REPO) is None
+    assert await catalog.get(ROOT) is None
     assert await catalog.all_units() == []
 
 
 async def test_revalidating_a_stale_unit_keeps_cache_and_row_coherent(
     db_path: Path, catalog: Catalog
 ) -> None:
-    old = unit(REPO, BLOB_A)
-    new = unit(REPO, BLOB_B, etag='"v2"')
+    old = unit(ROOT, BLOB_A)
+    new = unit(ROOT, BLOB_B, etag='"v2"')
     await catalog.complete(old)
     assert await catalog.complete(new) == BLOB_A  # BLOB_A is deleted from the store
     assert await catalog.revalidated(old, {"ETag": '"v1b"'}, 5000.0) is None
-    assert await catalog.get(REPO) == new  # the row was not touched by the stale 304
+    assert await catalog.get(ROOT) == new  # the row was not touched by the stale 304
     other = await Catalog.open(db_path)
     try:
-        assert await other.get(REPO) == new
+        assert await other.get(ROOT) == new
     finally:
         await other.close()
 

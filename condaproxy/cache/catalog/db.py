@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, Self
@@ -20,7 +21,7 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import UnitKey
 from condaproxy.errors import CatalogBusy
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
 # Rows kept in memory for hot look-ups. A row costs ~2 KB (its headers): 10,000 bound the
 # cache to ~20 MB, where 50,000 let a 10-minute soak over thousands of channels grow by 89 MB.
@@ -77,10 +78,38 @@ CREATE TABLE IF NOT EXISTS pending (
     blob_key TEXT PRIMARY KEY,
     since REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    name TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    timestamp REAL,
+    indexed_timestamp REAL,
+    PRIMARY KEY (channel, subdir, filename)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_subdirs (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    since REAL NOT NULL,
+    PRIMARY KEY (channel, subdir)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revisions (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    blob_key TEXT NOT NULL,
+    PRIMARY KEY (channel, subdir, filename, first_at)
+) WITHOUT ROWID;
 """
 
 # Additive migrations, keyed by the version they lead to.
-_MIGRATIONS = {2: "ALTER TABLE units ADD COLUMN source_blob TEXT"}
+_MIGRATIONS = {
+    2: "ALTER TABLE units ADD COLUMN source_blob TEXT",
+    3: "SELECT 1",  # the ledger and revision tables: created by the schema script itself
+}
 
 
 def connect_sync(path: Path) -> sqlite3.Connection:
@@ -105,6 +134,11 @@ class CatalogDB:
         # file that is about to vanish (the store's put skips a blob that already exists).
         self._claims: dict[str, asyncio.Event] = {}
         self.on_complete: Callable[[Unit], None] | None = None  # told of every committed row
+        # The time of ledger sightings and revisions; injectable so tests move time, not sleep.
+        self.clock: Callable[[], float] = time.time
+
+    async def _completing(self, unit: Unit) -> None:
+        """Called inside the transaction that makes unit visible (revisions.py records history)."""
 
     @classmethod
     async def open(cls, path: Path) -> Self:

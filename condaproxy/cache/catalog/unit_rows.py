@@ -81,6 +81,7 @@ class UnitRows(CatalogDB):
                 ),
             )
             await self._execute("DELETE FROM pending WHERE blob_key=?", (unit.blob_key,))
+            await self._completing(unit)
             orphan = None
             if old and old[0]["blob_key"] != unit.blob_key:
                 orphan = old[0]["blob_key"]
