@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -55,14 +55,20 @@ class Proxy:
     """The proxy app served in this process on 127.0.0.1, on an ephemeral port."""
 
     def __init__(
-        self, config: Config, *, handler_cancellation: bool = False, client_timeout: float | None = None
+        self,
+        config: Config,
+        *,
+        handler_cancellation: bool = False,
+        client_timeout: float | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
-        self.app = (
-            create_app(config)
-            if client_timeout is None
-            else create_app(config, client_timeout=client_timeout)
-        )
+        options: dict[str, Any] = {}
+        if client_timeout is not None:
+            options["client_timeout"] = client_timeout
+        if clock is not None:
+            options["clock"] = clock
+        self.app = create_app(config, **options)
         self._runner = web.AppRunner(self.app, handler_cancellation=handler_cancellation, **server_options())
         self._port = 0
         self.session: aiohttp.ClientSession | None = None
