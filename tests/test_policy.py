@@ -23,15 +23,20 @@ from condaproxy.conda.rules import parse_rule
 from condaproxy.config.model import Config
 
 DAY = 86400.0
+# "no-cache": each solve asks the proxy again.
 FORMS = {
-    "shards": rattler.SourceConfig(sharded_enabled=True),
-    "zst": rattler.SourceConfig(sharded_enabled=False, zstd_enabled=True, bz2_enabled=False),
-    "json": rattler.SourceConfig(sharded_enabled=False, zstd_enabled=False, bz2_enabled=False),
+    "shards": rattler.SourceConfig(sharded_enabled=True, cache_action="no-cache"),
+    "zst": rattler.SourceConfig(
+        sharded_enabled=False, zstd_enabled=True, bz2_enabled=False, cache_action="no-cache"
+    ),
+    "json": rattler.SourceConfig(
+        sharded_enabled=False, zstd_enabled=False, bz2_enabled=False, cache_action="no-cache"
+    ),
 }
 
 
 async def solve(url: str, cache: Path, form: str, spec: str = "alpha") -> dict[str, str]:
-    """name -> version of a solve through url reading one index form."""
+    """name -> version of a solve through url (http://proxy[/@when]/channel) reading one index form."""
     gateway = rattler.Gateway(cache_dir=cache, default_config=FORMS[form])
     records = await rattler.solve(sources=[url], specs=[spec], gateway=gateway, platforms=["noarch"])
     return {r.name.normalized: str(r.version) for r in records}
@@ -85,6 +90,7 @@ async def test_cooldown_holds_a_fresh_release_in_every_form(
         assert 'condaproxy_policy_held{channel="alpha"} 1.0' in metrics
         assert 'condaproxy_policy_refused_total{channel="alpha",reason="min_age"} 1.0' in metrics
 
+        await proxy.idle()
         clock.advance(7 * DAY)  # 1.2 is now older than min_age
         assert (await solve(url, tmp_path / "c2", form))["alpha"] == "1.2"
         assert (await proxy.get("/alpha/noarch/alpha-1.2-0.conda")).status == 200
