@@ -419,7 +419,8 @@ KILL_POINTS = {
     "before-fsync": ("open", 1, [".part'", "'r',"]),  # pending row committed, temp file reopened
     "before-link": ("os.link", 1, ["/blobs/"]),
     "before-dir-fsync": ("open", 1, ["/blobs/"]),  # the blob is linked, its row not committed
-    "after-commit": ("sqlite3.connect", 2, ["catalog.sqlite3"]),  # digest learning follows the commit
+    # The catalog opens a writer and a reader connection; digest learning, the third, follows the commit.
+    "after-commit": ("sqlite3.connect", 3, ["catalog.sqlite3"]),
     "before-old-blob-delete": ("os.remove", 1, ["/blobs/"]),  # a replaced blob, no longer referenced
 }
 

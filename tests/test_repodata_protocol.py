@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import bz2
 import gzip
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from channel import Channel
 from proxy import Proxy, check_invariants
 from test_rattler_client import solve_and_install
 from upstream import FakeUpstream
+
+from condaproxy.cache.removal import remove_unit
 
 
 def unzstd(data: bytes) -> bytes:
@@ -203,6 +206,28 @@ async def test_absolute_shards_base_url_is_rewritten_and_mapped(
     await settle(proxy)
     rows = check_invariants(proxy.config.cache.directory)
     assert {f for _, _, f in rows} >= set(names)
+
+
+async def test_a_shard_asked_for_after_its_index_was_evicted_still_comes_from_its_host(
+    proxy_factory, foreign_shards: FakeUpstream, tmp_path: Path
+) -> None:
+    # A client keeps its index for up to an hour; the proxy may evict it meanwhile and restart,
+    # and the start forgets the bases of subdirs with no metadata left.
+    cache = tmp_path / "shared-cache"
+    first: Proxy = await proxy_factory(cache_dir=cache)
+    index = await first.get("/cdnchan/noarch/repodata_shards.msgpack.zst")
+    await settle(first)
+    digest = next(iter(msgpack.unpackb(unzstd(index.body), raw=False)["shards"].values())).hex()
+    catalog = first.services.catalog
+    [unit] = [u for u in await catalog.all_units() if u.key.filename == "repodata_shards.msgpack.zst"]
+    assert await remove_unit(catalog, first.services.store, unit.key, unit.blob_key)
+    await first.close()
+    second: Proxy = await proxy_factory(cache_dir=cache)
+    assert await second.services.catalog.shard_base("cdnchan", "noarch") is None
+    shard = await second.get(f"/cdnchan/noarch/shards/{digest}.msgpack.zst")
+    assert shard.status == 200 and hashlib.sha256(shard.body).hexdigest() == digest
+    await settle(second)
+    check_invariants(cache)
 
 
 async def test_rewritten_index_revalidates_with_upstream_validators(

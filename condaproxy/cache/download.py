@@ -26,7 +26,7 @@ from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.transfer import Receiver
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
-from condaproxy.conda.paths import Kind, UnitKey
+from condaproxy.conda.paths import SHARD_INDEX_NAME, Kind, UnitKey
 from condaproxy.config.model import ChannelConfig, Config
 from condaproxy.errors import (
     CondaproxyError,
@@ -181,11 +181,17 @@ class Fetcher:
         try:
             return await self.upstream.open(channel, url, validators)
         except UpstreamNotFound:
-            if key.kind is not Kind.PACKAGE or self.expected is None:
+            if key.kind is Kind.SHARD:
+                # A client may hold an index the proxy no longer caches, and so no longer knows the
+                # host it names (learned bases go with a subdir's metadata): reading it records it.
+                index = UnitKey(key.channel, key.subdir, SHARD_INDEX_NAME, Kind.SHARD_INDEX)
+                await self.ensure(index, channel)
+            elif key.kind is not Kind.PACKAGE or self.expected is None:
                 raise
-            # On a cold cache (a lockfile install) the subdir's repodata may not be read yet, and
-            # it may name another base for packages (CEP-15): reading it records that base.
-            await self.expected(key, channel)
+            else:
+                # On a cold cache (a lockfile install) the subdir's repodata may not be read yet,
+                # and it may name another base for packages (CEP-15): reading it records that base.
+                await self.expected(key, channel)
             moved = await self._url(channel, key)
             if moved == url:
                 raise

@@ -1,9 +1,11 @@
 """Size-bounded eviction: least-recently-accessed units go first, pinned packages never.
 
-The store's size is the sum of its distinct blobs (content-addressed: two channels serving the
-same bytes share one blob). Eviction removes catalog rows, oldest access first (fewest hits
-breaking ties); a blob is deleted only once no row references it, and the catalog marks it
-pending meanwhile so that a crash between the two steps is swept at the next start.
+The cache's size is the sum of its distinct blobs (content-addressed: two channels serving the
+same bytes share one blob) plus the catalog file itself, which holds the digests learned from
+every cached repodata. Eviction removes catalog rows, oldest access first (fewest hits breaking
+ties); a blob is deleted only once no row references it, and the catalog marks it pending
+meanwhile so that a crash between the two steps is swept at the next start. A subdir's learned
+digests go with its last cached metadata.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.inflight import InflightTable
+from condaproxy.cache.removal import delete_released
 from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Kind, package_name
 from condaproxy.config.model import CacheConfig
@@ -69,8 +72,9 @@ class Evicted:
     """What one eviction pass did."""
 
     units: int
-    freed: int
-    size: int  # the store's size afterwards
+    freed: int  # bytes of blobs deleted
+    size: int  # the blobs' size afterwards
+    catalog: int  # the catalog's own size afterwards (its file and WAL), also held to max_size
 
 
 class Evictor:
@@ -159,53 +163,60 @@ class Evictor:
         log.info("pinned %d packages from %s", len(files), lockfile)
 
     async def run_once(self) -> Evicted:
-        """One pass: evict until the store is within max_size (a no-op when it is unlimited)."""
+        """One pass: evict until blobs and catalog fit in max_size (a no-op when it is unlimited)."""
         async with self._lock:
             await self._refresh_pins()
             self._grown = 0
-            size = await self._catalog.stored_size()
-            self._last_size = size
-            if not self.max_size or size <= self.max_size:
-                return Evicted(0, 0, size)
+            blobs = await self._catalog.stored_size()
+            if not self.max_size:
+                return Evicted(0, 0, blobs, await self._catalog.catalog_size())
+            # Freed pages given back first: the catalog is measured as it can be.
+            catalog = await self._catalog.reclaim()
+            self._last_size = blobs + catalog
+            if blobs + catalog <= self.max_size:
+                return Evicted(0, 0, blobs, catalog)
             # Buffered hits count as accesses: flush them so the order below sees them.
             await self._catalog.flush_touches()
             units = freed = skipped = 0
-            while size > self.max_size and not self._stopping:
+            while blobs + catalog > self.max_size and not self._stopping:
                 batch = await self._catalog.eviction_candidates(BATCH, skipped)
                 if not batch:
                     break
                 for cand in batch:
-                    if size <= self.max_size or self._stopping:
+                    if blobs + catalog <= self.max_size or self._stopping:
                         break
                     key = cand.key
                     if (key.kind is Kind.PACKAGE and key.filename in self.pins) or self._inflight.get(key):
                         skipped += 1
                         continue
-                    removed, orphan = await self._catalog.evict(key, cand.blob_key, cand.accessed_at)
-                    if not removed:
+                    dropped = await self._catalog.evict(key, cand.blob_key, cand.accessed_at)
+                    if dropped.orphan is not None:  # also when a newer put left us the old blob
+                        await delete_released(self._catalog, self._store, dropped.orphan)
+                        blobs -= cand.size
+                        freed += cand.size
+                    if not dropped.removed:
                         skipped += 1  # used or replaced since it was chosen: keep it
                         continue
                     units += 1
-                    if orphan is not None:
-                        await self._delete(orphan)
-                        size -= cand.size
-                        freed += cand.size
-            self._last_size = size
-            if size > self.max_size and not self._stopping:
+                    if dropped.forgot:  # a subdir's learned digests went: often most of the catalog
+                        catalog = await self._catalog.reclaim()
+                # Rows deleted free catalog pages too.
+                catalog = await self._catalog.reclaim()
+            self._last_size = blobs + catalog
+            if blobs + catalog > self.max_size and not self._stopping:
                 log.warning(
-                    "cache holds %d bytes, over max_size %d: the rest is pinned or in use",
-                    size,
+                    "cache holds %d bytes (%d of them the catalog), over max_size %d:"
+                    " the rest is pinned or in use",
+                    blobs + catalog,
+                    catalog,
                     self.max_size,
                 )
             if units:
-                log.info("evicted %d units, freed %d bytes; cache now %d bytes", units, freed, size)
-            return Evicted(units, freed, size)
-
-    async def _delete(self, blob_key: str) -> None:
-        deleted = False
-        try:
-            await self._store.delete(blob_key)
-            deleted = True
-        finally:
-            # Not deleted: the blob stays marked pending, and the next start sweeps it.
-            await asyncio.shield(self._catalog.blob_deleted(blob_key, deleted))
+                log.info(
+                    "evicted %d units, freed %d bytes; cache now %d bytes (catalog %d)",
+                    units,
+                    freed,
+                    blobs + catalog,
+                    catalog,
+                )
+            return Evicted(units, freed, blobs, catalog)

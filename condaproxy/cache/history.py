@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.removal import remove_unit
 from condaproxy.store.blobstore import BlobStore
 
 log = logging.getLogger(__name__)
@@ -18,8 +19,8 @@ async def prune(catalog: Catalog, store: BlobStore, history: float, now: float) 
     """Drop revisions superseded before now - history, and their blobs no row needs; returns how many."""
     gone = await catalog.prune_revisions(now - history)
     for key in gone:
-        if (blob := await catalog.remove(key)) is not None:
-            await store.delete(blob)
+        if (unit := await catalog.get(key)) is not None:
+            await remove_unit(catalog, store, key, unit.blob_key)
     return len(gone)
 
 

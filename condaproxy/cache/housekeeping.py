@@ -28,6 +28,7 @@ async def sweep(catalog: Catalog, store: FilesystemStore) -> None:
 
     Pending puts are the usual case; a kill between committing a row that replaced (or
     dropped) a blob and deleting the old blob leaves one too, unmarked, so every key is checked.
+    Learned rows of subdirs whose metadata is gone (an older catalog kept them) go too.
     """
     for key in await catalog.pending_orphans():
         log.info("sweeping blob %s left by an interrupted persist", key)
@@ -39,6 +40,9 @@ async def sweep(catalog: Catalog, store: FilesystemStore) -> None:
             await store.delete(key)
     for name in await store.remove_partials():
         log.info("swept %s, a partial copy left by an interrupted put", name)
+    if await catalog.forget_unowned():
+        log.info("dropped digests and bases learned for subdirs whose metadata is no longer cached")
+        await catalog.reclaim()
 
 
 async def flush_touches_forever(catalog: Catalog) -> None:

@@ -3,6 +3,9 @@ digest (sha256, size) and, in the ledger, each record's first sighting.
 
 Synchronous, for an executor thread: it uses the thread's own SQLite connection, so a
 conda-forge-sized repodata.json is learned in bounded memory without touching the event loop.
+Each batch is one BEGIN IMMEDIATE transaction, ordered by SQLite's lock against the catalog's
+own writes, and written only while the subdir still has metadata cached: eviction drops a
+subdir's digests with its last metadata, and a batch must not bring them back after that.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from condaproxy.cache.catalog.db import connect_sync
+from condaproxy.cache.catalog.db import HAS_METADATA, connect_sync
 from condaproxy.conda import variants
 from condaproxy.conda.decoding import open_decoded
 from condaproxy.conda.filtering import iter_records, record_times
@@ -23,6 +26,36 @@ BATCH = 10_000
 _DIGEST = "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)"
 # Written once, never changed: a record's first sighting stays its first.
 _SIGHTING = "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?)"
+# The first whole repodata.json read for a subdir begins its ledger.
+_BEGIN = "INSERT OR IGNORE INTO ledger_subdirs VALUES (?, ?, ?)"
+
+Row = tuple[str, str, str, str, int | None]
+Sighting = tuple[str, str, str, str, float, float | None, float | None]
+
+
+def _write(
+    conn: sqlite3.Connection,
+    channel: str,
+    subdir: str,
+    batch: list[Row],
+    sightings: list[Sighting],
+    begin: float | None,
+) -> bool:
+    """One batch in one transaction; False (nothing written) when the subdir's metadata is gone."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute(HAS_METADATA, (channel, subdir)).fetchone() is None:
+            conn.rollback()
+            return False
+        if begin is not None:
+            conn.execute(_BEGIN, (channel, subdir, begin))
+        conn.executemany(_DIGEST, batch)
+        conn.executemany(_SIGHTING, sightings)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return True
 
 
 def _digest(record: dict[str, Any]) -> tuple[str, int | None] | None:
@@ -53,30 +86,29 @@ def _store(
     subdir: str,
     records: Iterator[tuple[str, dict[str, Any]]],
     now: float,
+    begins: bool,
 ) -> int:
     count = 0
-    digests: list[tuple[str, str, str, str, int | None]] = []
-    sightings: list[tuple[str, str, str, str, float, float | None, float | None]] = []
-
-    def flush() -> None:
-        conn.executemany(_DIGEST, digests)
-        conn.executemany(_SIGHTING, sightings)
-        conn.commit()
-        digests.clear()
-        sightings.clear()
-
+    batch: list[Row] = []
+    sightings: list[Sighting] = []
+    begin = now if begins else None
     for filename, record in records:
         digest = _digest(record)
         if digest is not None:
-            digests.append((channel, subdir, filename, *digest))
-            count += 1
+            batch.append((channel, subdir, filename, *digest))
         times = record_times(filename, record)
         sightings.append(
             (channel, subdir, filename, times.name, now, times.timestamp, times.indexed_timestamp)
         )
         if len(sightings) >= BATCH:
-            flush()
-    flush()
+            if not _write(conn, channel, subdir, batch, sightings, begin):
+                return count
+            count += len(batch)
+            batch.clear()
+            sightings.clear()
+            begin = None
+    if (sightings or begin is not None) and _write(conn, channel, subdir, batch, sightings, begin):
+        count += len(batch)
     return count
 
 
@@ -89,12 +121,10 @@ def learn(
     a subdir begins its ledger, at that time.
     """
     now = time.time() if now is None else now
+    parts = variants.split(filename)
+    begins = parts is not None and parts[0] == "repodata.json" and parts[2] is None
     conn = connect_sync(db_path)
     try:
-        parts = variants.split(filename)
-        if parts is not None and parts[0] == "repodata.json" and parts[2] is None:
-            conn.execute("INSERT OR IGNORE INTO ledger_subdirs VALUES (?, ?, ?)", (channel, subdir, now))
-            conn.commit()
-        return _store(conn, channel, subdir, _records(path, filename), now)
+        return _store(conn, channel, subdir, _records(path, filename), now, begins)
     finally:
         conn.close()

@@ -1,8 +1,8 @@
 """The persist queue: verified downloads move into the blob store, then become visible.
 
 Order per job (rule 1, "complete or invisible"): record the pending put -> store.put (fsync,
-link, fsync dir) -> commit the catalog row and drop the pending mark in one transaction. A
-crash anywhere leaves at worst a pending blob, which the next start deletes.
+link, fsync dir) -> commit the catalog row and drop the put's own pending mark in one
+transaction. A crash anywhere leaves at worst a pending blob, which the next start deletes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.catalog.unit_rows import Put
+from condaproxy.cache.removal import delete_released
 from condaproxy.cache.unit import Unit
 from condaproxy.errors import CatalogBusy
 from condaproxy.metrics import Metrics
@@ -90,18 +92,22 @@ class PersistQueue:
         raise AssertionError("unreachable")
 
     async def _persist_once(self, job: Job) -> Unit:
-        key = job.unit.blob_key
-        await self._catalog.begin_put(key)
+        put = await self._catalog.begin_put(job.unit.blob_key)
         try:
-            await self._store.put(key, job.temp_path)
-            orphan = await self._catalog.complete(job.unit)
+            await self._store.put(put.blob_key, job.temp_path)
+            replaced = await self._catalog.complete(job.unit, put)
         except BaseException:
-            if await asyncio.shield(self._catalog.abandon_put(key)):
-                await asyncio.shield(self._store.delete(key))
+            # Shielded whole: a blob the catalog hands over for deletion must be deleted and
+            # released, or puts of the same bytes would wait for it forever.
+            await asyncio.shield(self._abandon(put))
             raise
-        if orphan is not None:
-            await self._store.delete(orphan)
+        if replaced is not None:
+            await delete_released(self._catalog, self._store, replaced)
         return job.unit
+
+    async def _abandon(self, put: Put) -> None:
+        if await self._catalog.abandon_put(put):
+            await delete_released(self._catalog, self._store, put.blob_key)
 
     async def close(self, timeout: float = 30.0) -> None:
         """Finish queued jobs (bounded by timeout), then stop the workers."""

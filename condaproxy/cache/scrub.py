@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-from collections import defaultdict
 
 from condaproxy.cache.catalog.catalog import Catalog
-from condaproxy.cache.unit import Unit
+from condaproxy.cache.removal import delete_released
 from condaproxy.cache.verify import check_blob
 from condaproxy.metrics import Metrics
 from condaproxy.store.blobstore import BlobStore
 
 log = logging.getLogger(__name__)
+
+PAGE = 256  # blobs per catalog read
 
 
 class Scrubber:
@@ -62,38 +62,30 @@ class Scrubber:
 
     async def run_once(self) -> int:
         """One pass over every blob; returns how many damaged blobs were purged."""
-        by_blob: dict[str, list[Unit]] = defaultdict(list)
-        for unit in await self._catalog.all_units():
-            by_blob[unit.blob_key].append(unit)
         loop = asyncio.get_running_loop()
-        purged = 0
-        for blob_key, units in by_blob.items():
-            path = self._store.local_path(blob_key)
-            if path is None:
-                continue  # remote stores check themselves
-            problem = await loop.run_in_executor(None, check_blob, path, blob_key, {u.size for u in units})
-            if problem is not None and await self._purge(blob_key, units, problem):
-                purged += 1
-        log.info("scrub pass: %d blobs checked, %d purged", len(by_blob), purged)
+        checked = purged = 0
+        after = ""
+        # A page of blobs at a time, each with only its rows' sizes: a pass holds PAGE blob keys,
+        # never the catalog's rows (~2 KB each with their headers: a gigabyte at 500,000 units).
+        while page := await self._catalog.blob_page(after, PAGE):
+            for blob_key, sizes in page:
+                path = self._store.local_path(blob_key)
+                if path is None:
+                    continue  # remote stores check themselves
+                checked += 1
+                problem = await loop.run_in_executor(None, check_blob, path, blob_key, sizes)
+                if problem is not None and await self._purge(blob_key, problem):
+                    purged += 1
+            after = page[-1][0]
+        log.info("scrub pass: %d blobs checked, %d purged", checked, purged)
         return purged
 
-    async def _purge(self, blob_key: str, units: list[Unit], problem: str) -> bool:
-        # Recent hits are buffered; flushed, they no longer make the catalog refuse the removal.
-        await self._catalog.flush_touches()
-        orphan = None
-        for unit in units:
-            # Only while the row still holds this blob: a unit refetched meanwhile stays.
-            removed, freed = await self._catalog.evict(unit.key, blob_key, math.inf)
-            if removed:
-                log.error("scrub: purged %s: %s", unit.key, problem)
-                self._metrics.scrub_purged.inc()
-            orphan = orphan or freed
-        if orphan is None:
+    async def _purge(self, blob_key: str, problem: str) -> bool:
+        dropped = await self._catalog.purge_blob(blob_key)
+        for key in dropped.keys:
+            log.error("scrub: purged %s: %s", key, problem)
+            self._metrics.scrub_purged.inc()
+        if dropped.orphan is None:
             return False
-        deleted = False
-        try:
-            await self._store.delete(orphan)
-            deleted = True
-        finally:
-            await asyncio.shield(self._catalog.blob_deleted(orphan, deleted))
+        await delete_released(self._catalog, self._store, dropped.orphan)
         return True

@@ -12,6 +12,7 @@ from typing import IO
 
 from aiohttp import web
 
+from condaproxy.cache.removal import remove_unit
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
 from condaproxy.conda.paths import Kind, UnitKey
@@ -59,7 +60,7 @@ async def serve_unit(
     channel: ChannelConfig,
     headers: dict[str, str] | None = None,
 ) -> web.StreamResponse | None:
-    """Answer from the store; None if the blob is missing or damaged (the row is then dropped)."""
+    """Answer from the store; None if the blob is missing or damaged (its row is then dropped)."""
     extra: dict[str, str] = dict(headers or {})
     if unit.key.filename in variants.BASES:
         extra["Vary"] = "Accept-Encoding"
@@ -88,8 +89,8 @@ async def _serve_blob(
         fobj = await loop.run_in_executor(None, _open_blob, str(local), unit.size)
         if fobj is None:
             log.error("blob of %s is missing or has the wrong size; refetching", unit.key)
-            if (orphan := await svc.catalog.remove(unit.key)) is not None:
-                await svc.store.delete(orphan)
+            # Only the row version this reader was given: a revalidation may have replaced it.
+            await remove_unit(svc.catalog, svc.store, unit.key, unit.blob_key)
             return None
     try:
         headers = unit_headers(svc.config, unit.key, {**unit.headers, **extra}, xcache, svc.clock())

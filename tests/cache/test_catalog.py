@@ -71,6 +71,7 @@ async def test_open_creates_schema_in_wal_mode(db_path: Path) -> None:
     await cat.close()
     assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert raw(db_path, "PRAGMA journal_mode") == [("wal",)]
+    assert raw(db_path, "PRAGMA auto_vacuum") == [(2,)]  # incremental: eviction gives pages back
     tables = {r[0] for r in raw(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"units", "digests", "pending"} <= tables
 
@@ -111,6 +112,43 @@ async def test_open_migrates_an_unversioned_database(db_path: Path) -> None:
     finally:
         await cat.close()
     assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_open_migrates_a_version_2_catalog(db_path: Path) -> None:
+    # Version 2 kept one pending mark per blob, and never gave freed pages back.
+    db = sqlite3.connect(db_path)
+    db.executescript(
+        """PRAGMA journal_mode=WAL;
+           CREATE TABLE units (channel TEXT NOT NULL, subdir TEXT NOT NULL, filename TEXT NOT NULL,
+               kind TEXT NOT NULL, upstream_url TEXT NOT NULL, state TEXT NOT NULL,
+               blob_key TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+               headers TEXT NOT NULL, etag TEXT, last_modified TEXT, fetched_at REAL NOT NULL,
+               validated_at REAL NOT NULL, accessed_at REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0,
+               source_blob TEXT, PRIMARY KEY (channel, subdir, filename)) WITHOUT ROWID;
+           CREATE INDEX units_blob ON units (blob_key);
+           CREATE TABLE pending (blob_key TEXT PRIMARY KEY, since REAL NOT NULL) WITHOUT ROWID;
+           PRAGMA user_version=2;"""
+    )
+    with db:
+        db.execute(
+            "INSERT INTO units VALUES (?, ?, ?, 'package', 'https://up/x', 'complete', ?, ?, 123, '{}',"
+            " NULL, NULL, 1.0, 1.0, 1.0, 0, NULL)",
+            (PKG.channel, PKG.subdir, PKG.filename, BLOB_A, BLOB_A),
+        )
+        db.execute("INSERT INTO pending VALUES (?, 1.0)", (BLOB_B,))
+    db.close()
+    cat = await Catalog.open(db_path)
+    try:
+        got = await cat.get(PKG)
+        assert got is not None and got.blob_key == BLOB_A
+        assert await cat.pending_orphans() == [BLOB_B]
+        put = await cat.begin_put(BLOB_C)
+        assert put != await cat.begin_put(BLOB_C)
+    finally:
+        await cat.close()
+    assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert raw(db_path, "PRAGMA auto_vacuum") == [(2,)]  # incremental: freed pages can be given back
+    assert raw(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 
 async def test_close_is_safe_twice(db_path: Path) -> None:
@@ -176,24 +214,37 @@ async def test_orphan_only_when_no_other_row_references_it(catalog: Catalog) -> 
 
 async def test_remove(catalog: Catalog) -> None:
     await catalog.complete(unit(PKG, BLOB_A))
-    assert await catalog.remove(PKG) == BLOB_A
+    dropped = await catalog.remove(PKG, BLOB_A)
+    assert (dropped.keys, dropped.orphan) == ((PKG,), BLOB_A)
+    await catalog.blob_deleted(BLOB_A)  # the caller deleted it from the store
     assert await catalog.get(PKG) is None
     assert await catalog.all_units() == []
-    assert await catalog.remove(PKG) is None  # already gone
+    assert not (await catalog.remove(PKG, BLOB_A)).removed  # already gone
+    assert await catalog.pending_orphans() == []
+
+
+async def test_remove_names_the_row_version_it_means(catalog: Catalog) -> None:
+    # A reader that found the old blob gone after a revalidation replaced it: the new row stays.
+    await catalog.complete(unit(REPO, BLOB_A))
+    assert await catalog.complete(unit(REPO, BLOB_B, etag='"v2"')) == BLOB_A
+    await catalog.blob_deleted(BLOB_A)
+    dropped = await catalog.remove(REPO, BLOB_A)
+    assert (dropped.removed, dropped.orphan) == (False, None)
+    assert await catalog.get(REPO) == unit(REPO, BLOB_B, etag='"v2"')
 
 
 async def test_remove_keeps_a_shared_blob(catalog: Catalog) -> None:
     twin = dataclasses.replace(PKG, channel="mirror")
     await catalog.complete(unit(PKG, BLOB_A))
     await catalog.complete(unit(twin, BLOB_A))
-    assert await catalog.remove(PKG) is None
+    assert (await catalog.remove(PKG, BLOB_A)).orphan is None
     assert await catalog.get(twin) is not None
-    assert await catalog.remove(twin) == BLOB_A
+    assert (await catalog.remove(twin, BLOB_A)).orphan == BLOB_A
 
 
 async def test_remove_survives_reopen(db_path: Path, catalog: Catalog) -> None:
     await catalog.complete(unit(PKG))
-    await catalog.remove(PKG)
+    await catalog.remove(PKG, BLOB_A)
     other = await Catalog.open(db_path)
     try:
         assert await other.get(PKG) is None
@@ -238,7 +289,7 @@ async def test_revalidating_a_removed_unit_does_not_resurrect_it(catalog: Catalo
     # Eviction may remove the row (and delete its blob) while a conditional GET is in flight.
     u = unit(ROOT)
     await catalog.complete(u)
-    assert await catalog.remove(ROOT) == BLOB_A  # caller deletes BLOB_A from the store
+    assert (await catalog.remove(ROOT, BLOB_A)).orphan == BLOB_A  # caller deletes it from the store
     assert await catalog.revalidated(u, {"ETag": '"v2"'}, 5000.0) is None
     assert await catalog.get(ROOT) is None
     assert await catalog.all_units() == []
@@ -289,12 +340,26 @@ async def test_pending_survives_reopen(db_path: Path) -> None:
 
 
 async def test_abandon_put(catalog: Catalog) -> None:
-    await catalog.begin_put(BLOB_A)
-    assert await catalog.abandon_put(BLOB_A) is True
+    put = await catalog.begin_put(BLOB_A)
+    assert await catalog.abandon_put(put) is True  # the caller deletes the blob
+    await catalog.blob_deleted(BLOB_A)
     assert await catalog.pending_orphans() == []
     await catalog.complete(unit(PKG, BLOB_B))
-    await catalog.begin_put(BLOB_B)
-    assert await catalog.abandon_put(BLOB_B) is False  # a row uses it: keep the blob
+    put = await catalog.begin_put(BLOB_B)
+    assert await catalog.abandon_put(put) is False  # a row uses it: keep the blob
+
+
+async def test_each_put_has_its_own_pending_mark(catalog: Catalog) -> None:
+    first = await catalog.begin_put(BLOB_A)
+    second = await catalog.begin_put(BLOB_A)  # the same bytes through another channel
+    assert first != second
+    await catalog.complete(unit(PKG, BLOB_A), first)
+    assert await catalog.abandon_put(second) is False  # the first put's row uses the blob
+    twin = dataclasses.replace(PKG, channel="mirror")
+    third, fourth = await catalog.begin_put(BLOB_B), await catalog.begin_put(BLOB_B)
+    assert await catalog.abandon_put(third) is False  # the fourth put still needs the blob
+    await catalog.complete(unit(twin, BLOB_B), fourth)
+    assert await catalog.pending_orphans() == []
 
 
 # -- hits ------------------------------------------------------------------------------------

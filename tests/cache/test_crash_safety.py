@@ -27,7 +27,7 @@ async def test_startup_sweeps_temp_files_and_interrupted_puts(upstream: FakeUpst
     (cache / "blobs" / "ab").mkdir(exist_ok=True)
     (cache / "blobs" / "ab" / orphan).write_bytes(b"never committed")
     db = sqlite3.connect(cache / "catalog.sqlite3")
-    db.execute("INSERT INTO pending VALUES (?, ?)", (orphan, time.time()))
+    db.execute("INSERT INTO pending (blob_key, since) VALUES (?, ?)", (orphan, time.time()))
     db.commit()
     db.close()
     proxy = await Proxy(make_config(cache, upstream.url)).start()
@@ -101,7 +101,8 @@ async def test_kill_9_loop_during_persist_keeps_invariants(
             check_invariants(cache)
             async with aiohttp.ClientSession() as session:
                 gets = [
-                    asyncio.ensure_future(session.get(proc.url + f"{CH}/{p.url_path}")) for p in pkgs[i % 2 :: 2]
+                    asyncio.ensure_future(session.get(proc.url + f"{CH}/{p.url_path}"))
+                    for p in pkgs[i % 2 :: 2]
                 ]
                 await asyncio.sleep(delay)
                 proc.kill()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,8 +18,10 @@ from proxy import Proxy, check_invariants
 from upstream import FakeUpstream
 
 from condaproxy.app import EVICTOR
+from condaproxy.cache import learning
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.evict import Evictor, Pins, lockfile_packages
+from condaproxy.cache.housekeeping import sweep
 from condaproxy.cache.inflight import Download, InflightTable
 from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Kind, UnitKey
@@ -56,8 +60,14 @@ class Parts:
     store: FilesystemStore
     inflight: InflightTable
     root: Path
+    catalog_bytes: int = 0  # the catalog's size as add() last left it
 
-    def evictor(self, max_size: int, pin: tuple[str, ...] = (), lockfile: Path | None = None) -> Evictor:
+    def evictor(
+        self, max_size: int, pin: tuple[str, ...] = (), lockfile: Path | None = None, *, blobs: bool = True
+    ) -> Evictor:
+        """An evictor; blobs=True: max_size is for the blobs, on top of the catalog as it stands."""
+        if max_size and blobs:
+            max_size += self.catalog_bytes
         config = CacheConfig(directory=self.root, max_size=max_size, pin=pin, pin_lockfile=lockfile)
         return Evictor(config, self.catalog, self.store, self.inflight)
 
@@ -71,14 +81,15 @@ class Parts:
         )
         src = self.root / "tmp" / sha
         src.write_bytes(data)
-        await self.catalog.begin_put(sha)
+        put = await self.catalog.begin_put(sha)
         await self.store.put(sha, src)
         unit = Unit(key, f"https://up/{key}", sha, sha, len(data), {}, None, None, 0.0, 0.0)
-        await self.catalog.complete(unit)
+        await self.catalog.complete(unit, put)
         src.unlink()  # as a finished download's temp file is
         for _ in range(hits):
             self.catalog.touch(key, accessed)
         await self.catalog.flush_touches()
+        self.catalog_bytes = await self.catalog.reclaim()
         return unit
 
     async def names(self) -> set[str]:
@@ -249,35 +260,122 @@ async def test_a_unit_used_since_it_was_chosen_is_kept(parts: Parts) -> None:
     unit = await parts.add("p-1-0.conda", b"p" * 100, accessed=1.0)
     [cand] = await parts.catalog.eviction_candidates(10)
     parts.catalog.touch(unit.key, time.time())  # a hit, not yet flushed
-    assert await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at) == (False, None)
+    assert not (await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at)).removed
     await parts.catalog.flush_touches()
     # Replaced by other bytes meanwhile: the choice no longer holds either.
     await parts.add("p-1-0.conda", b"q" * 100, accessed=1.0)
-    assert await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at) == (False, None)
+    assert not (await parts.catalog.evict(cand.key, cand.blob_key, cand.accessed_at)).removed
     assert await parts.names() == {"p-1-0.conda"}
 
 
 async def test_a_put_of_a_blob_being_deleted_waits_for_the_delete(parts: Parts) -> None:
     unit = await parts.add("p-1-0.conda", b"p" * 100, accessed=1.0)
-    removed, orphan = await parts.catalog.evict(unit.key, unit.blob_key, 1.0)
-    assert (removed, orphan) == (True, unit.blob_key)
+    dropped = await parts.catalog.evict(unit.key, unit.blob_key, 1.0)
+    assert (dropped.removed, dropped.orphan) == (True, unit.blob_key)
     put = asyncio.ensure_future(parts.catalog.begin_put(unit.blob_key))
     await asyncio.sleep(0.05)
     assert not put.done(), "a put must not trust a blob that is about to be deleted"
     await parts.store.delete(unit.blob_key)
     await parts.catalog.blob_deleted(unit.blob_key)
-    await asyncio.wait_for(put, 5)
-    await parts.catalog.abandon_put(unit.blob_key)
+    await parts.catalog.abandon_put(await asyncio.wait_for(put, 5))
 
 
 async def test_a_crash_between_row_and_blob_is_swept_at_start(parts: Parts) -> None:
     unit = await parts.add("p-1-0.conda", b"p" * 100, accessed=1.0)
-    _, orphan = await parts.catalog.evict(unit.key, unit.blob_key, 1.0)
-    assert orphan == unit.blob_key
+    assert (await parts.catalog.evict(unit.key, unit.blob_key, 1.0)).orphan == unit.blob_key
     # The process dies here: the blob was never deleted, but it is marked pending.
     await parts.catalog.close()
     parts.catalog = await Catalog.open(parts.root / "catalog.sqlite3")
     assert await parts.catalog.pending_orphans() == [unit.blob_key]
+
+
+# --- what was learned from a subdir's metadata goes with it ----------------------------------
+
+
+def repodata(packages: int, seed: int = 0) -> bytes:
+    records = {f"p{i}-1-0.tar.bz2": {"sha256": f"{i + seed:064x}", "size": i} for i in range(packages)}
+    return json.dumps({"info": {"subdir": "noarch"}, "packages": records}).encode()
+
+
+def learned(root: Path, channel: str, tables: tuple[str, ...] = ("digests",)) -> int:
+    db = sqlite3.connect(root / "catalog.sqlite3")
+    try:
+        return sum(
+            db.execute(f"SELECT count(*) FROM {t} WHERE channel=?", (channel,)).fetchone()[0] for t in tables
+        )
+    finally:
+        db.close()
+
+
+BASES = ("shard_bases", "package_bases")
+
+
+async def learn(parts: Parts, channel: str, data: bytes) -> None:
+    path = parts.root / "tmp" / "learn-from.json"
+    path.write_bytes(data)
+    await asyncio.to_thread(
+        learning.learn, parts.root / "catalog.sqlite3", channel, "noarch", "repodata.json", path
+    )
+    path.unlink()
+
+
+async def test_evicting_a_subdirs_last_metadata_forgets_what_was_learned_from_it(parts: Parts) -> None:
+    data = repodata(3)
+    full = await parts.add("repodata.json", data, accessed=1.0)
+    current = await parts.add("current_repodata.json", data + b" ", accessed=2.0)
+    await parts.add("repodata.json", data, accessed=3.0, channel="d")
+    await learn(parts, "c", data)
+    await learn(parts, "d", data)
+    await parts.catalog.set_package_base("c", "noarch", "https://cdn.example/c/noarch/")
+    await parts.catalog.set_shard_base("c", "noarch", "https://cdn.example/c/shards/")
+    await parts.catalog.evict(full.key, full.blob_key, math.inf)
+    assert learned(parts.root, "c") == 3  # current_repodata.json still describes the subdir
+    await parts.catalog.evict(current.key, current.blob_key, math.inf)
+    assert learned(parts.root, "c") == 0
+    assert learned(parts.root, "d") == 3  # another channel's subdir keeps its own
+    # Bases are recorded before the document naming them is stored: they go at the next start.
+    assert learned(parts.root, "c", BASES) == 2
+    await sweep(parts.catalog, parts.store)
+    assert learned(parts.root, "c", BASES) == 0
+    assert learned(parts.root, "d") == 3
+
+
+async def test_max_size_bounds_the_catalog_too(parts: Parts) -> None:
+    # Ten channels' repodata once left 900,000 digest rows (101 MiB) under max_size = 1M.
+    limit = 1024 * 1024
+    for channel in ("c", "d"):
+        await parts.add("repodata.json", b"{}", accessed=1.0, channel=channel)
+        await learn(parts, channel, repodata(20_000, seed=1 if channel == "d" else 0))
+    await parts.evictor(max_size=limit, blobs=False).run_once()
+    assert await parts.names() == set()
+    assert learned(parts.root, "c") == learned(parts.root, "d") == 0
+    on_disk = sum(p.stat().st_size for p in parts.root.glob("catalog.sqlite3*"))
+    assert on_disk <= limit
+
+
+async def test_learned_rows_of_subdirs_without_metadata_go_at_start(parts: Parts) -> None:
+    # A catalog from before learned rows were dropped with their metadata: swept on the next start.
+    await parts.add("repodata.json", b"{}", accessed=1.0, channel="d")
+    await learn(parts, "d", repodata(3))
+    db = sqlite3.connect(parts.root / "catalog.sqlite3")
+    with db:
+        db.executemany(
+            "INSERT INTO digests VALUES ('c', 'noarch', ?, ?, 1)",
+            [(f"q{i}.conda", "0" * 64) for i in range(5)],
+        )
+        db.execute("INSERT INTO package_bases VALUES ('c', 'noarch', 'https://cdn.example/')")
+    db.close()
+    await sweep(parts.catalog, parts.store)
+    assert learned(parts.root, "c", ("digests", *BASES)) == 0
+    assert learned(parts.root, "d") == 3
+
+
+async def test_nothing_is_learned_for_a_subdir_whose_metadata_went(parts: Parts) -> None:
+    # Digests are learned after the metadata is persisted; an eviction may come in between.
+    unit = await parts.add("repodata.json", b"{}", accessed=1.0)
+    await parts.catalog.evict(unit.key, unit.blob_key, math.inf)
+    await learn(parts, "c", repodata(3))
+    assert learned(parts.root, "c") == 0
 
 
 # --- end to end: the app's evictor -------------------------------------------------------

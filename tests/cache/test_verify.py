@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 from channel import Channel, PackageInfo
 from proxy import Proxy, check_invariants, make_config, write_config
 from upstream import FakeUpstream
 
+from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.scrub import Scrubber
 from condaproxy.cache.verify import verify
+from condaproxy.metrics import Metrics
+from condaproxy.store.filesystem import FilesystemStore
 
 CH = "/testchan"
 
@@ -176,3 +182,60 @@ async def test_the_scrub_purges_a_flipped_blob_while_serving(
     units = check_invariants(cache)
     assert ("testchan", bad.subdir, bad.filename) in units
     assert purged._value.get() == 1
+
+
+async def test_the_scrub_pages_through_the_catalog(tmp_path: Path) -> None:
+    # 2,000 units whose rows carry 16 KB of headers each: 32 MB that a pass must never hold
+    # at once (at 500,000 units, loading every row took a gigabyte).
+    catalog = await Catalog.open(tmp_path / "catalog.sqlite3")
+    store = FilesystemStore(tmp_path / "blobs")
+    headers = json.dumps({"X-Filler": "x" * 16384})
+    rows = []
+    for i in range(2000):
+        data = b"blob %d" % i
+        sha = hashlib.sha256(data).hexdigest()
+        (tmp_path / "blobs" / sha[:2]).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "blobs" / sha[:2] / sha).write_bytes(data)
+        rows.append(
+            (
+                "c",
+                "noarch",
+                f"p{i}-1-0.conda",
+                "package",
+                "https://up/x",
+                "complete",
+                sha,
+                sha,
+                len(data),
+                headers,
+                None,
+                None,
+                0.0,
+                0.0,
+                0.0,
+            )
+        )
+    damaged = rows[1234]
+    flip_a_byte(tmp_path / "blobs" / damaged[6][:2] / damaged[6], at=0)
+    db = sqlite3.connect(tmp_path / "catalog.sqlite3")
+    with db:
+        db.executemany(
+            """INSERT INTO units (channel, subdir, filename, kind, upstream_url, state, blob_key, sha256,
+               size, headers, etag, last_modified, fetched_at, validated_at, accessed_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            rows,
+        )
+    db.close()
+    try:
+        tracemalloc.start()
+        try:
+            purged = await Scrubber(3600, catalog, store, Metrics()).run_once()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert purged == 1
+        assert peak < 4 * 1024 * 1024, f"a scrub pass held {peak} bytes"
+        assert len(await catalog.all_units()) == 1999
+    finally:
+        await catalog.close()
+    check_invariants(tmp_path)

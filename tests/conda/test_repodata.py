@@ -20,6 +20,7 @@ import zstandard
 
 from condaproxy.cache import learning
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.unit import Unit
 from condaproxy.conda import decoding, digests, paths, shards
 from condaproxy.conda.shards import read_shard_index
 
@@ -75,6 +76,12 @@ EXPECTED = {
 async def db(tmp_path: Path) -> AsyncIterator[Path]:
     path = tmp_path / "catalog.db"
     catalog = await Catalog.open(path)
+    # Digests are learned only for a subdir with metadata cached: each subdir used here has one.
+    for channel, subdir in (("conda-forge", "linux-64"), ("pkgs/main", "noarch"), ("c", "noarch")):
+        key = paths.UnitKey(channel, subdir, "repodata.json", paths.Kind.REPODATA)
+        await catalog.complete(
+            Unit(key, f"https://up/{key}", "0" * 64, "0" * 64, 2, {}, None, None, 0.0, 0.0)
+        )
     await catalog.close()
     yield path
 

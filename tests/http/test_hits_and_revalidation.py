@@ -10,6 +10,8 @@ from channel import Channel
 from proxy import Proxy
 from upstream import FakeUpstream
 
+from condaproxy.cache.removal import remove_unit
+
 CH = "/testchan"
 
 
@@ -200,9 +202,9 @@ async def test_unit_evicted_during_revalidation_is_fetched_whole(
     await asyncio.wait_for(hold.reached.wait(), 10)
     parsed = parse_path(path)
     assert isinstance(parsed, Request)
-    orphan = await proxy.services.catalog.remove(parsed.key)  # as the evictor would
-    if orphan is not None:
-        await proxy.services.store.delete(orphan)
+    unit = await proxy.services.catalog.get(parsed.key)
+    assert unit is not None
+    await remove_unit(proxy.services.catalog, proxy.services.store, unit.key, unit.blob_key)
     hold.release()
     resp = await asyncio.wait_for(pending, 10)
     assert resp.status == 200 and resp.error is None and resp.body == body

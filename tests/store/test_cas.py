@@ -9,6 +9,7 @@ from channel import Channel
 from proxy import Proxy, check_invariants
 from upstream import FakeUpstream
 
+from condaproxy.cache.removal import remove_unit
 from condaproxy.conda.paths import Kind, UnitKey
 
 
@@ -60,7 +61,8 @@ async def test_removing_one_row_keeps_the_blob_for_the_other(
     key_a = UnitKey("chan-a", pkg.subdir, pkg.filename, Kind.PACKAGE)
     [cand] = [c for c in await catalog.eviction_candidates(1000) if c.key == key_a]
     # Evicted as the evictor would: the row goes, the blob stays (chan-b still references it).
-    assert await catalog.evict(cand.key, cand.blob_key, cand.accessed_at) == (True, None)
+    dropped = await catalog.evict(cand.key, cand.blob_key, cand.accessed_at)
+    assert (dropped.removed, dropped.orphan) == (True, None)
     blob = proxy.config.cache.directory / "blobs" / pkg.sha256[:2] / pkg.sha256
     assert blob.is_file()
     hit = await proxy.get(f"/chan-b/{pkg.url_path}")
@@ -68,8 +70,7 @@ async def test_removing_one_row_keeps_the_blob_for_the_other(
     check_invariants(proxy.config.cache.directory)
     # Removing the last row frees the blob.
     key_b = UnitKey("chan-b", pkg.subdir, pkg.filename, Kind.PACKAGE)
-    assert await catalog.remove(key_b) == pkg.sha256
-    await proxy.services.store.delete(pkg.sha256)
+    assert await remove_unit(catalog, proxy.services.store, key_b, pkg.sha256)
     assert not blob.exists()
     check_invariants(proxy.config.cache.directory)
     # chan-a fetches it again (a miss), and the blob is back.

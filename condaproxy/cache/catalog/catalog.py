@@ -1,7 +1,7 @@
 """The unit catalog: SQLite (WAL) rows saying which units are complete in the blob store.
 
-One connection, reached through a small class per job: unit rows, learned metadata, eviction,
-the ledger of first sightings and the revision history.
+One writer and one reader connection, reached through a small class per job: unit rows,
+learned metadata, eviction, the ledger of first sightings and the revision history.
 """
 
 from __future__ import annotations
@@ -23,5 +23,10 @@ class Catalog(UnitRows, LearnedRows, EvictionRows, LedgerRows, RevisionRows):
         try:
             await self.flush_touches()
         finally:
-            db, self._db = self._db, None  # type: ignore[assignment]
-            await db.close()
+            async with self._lock:  # a transaction still running keeps its connection
+                db, self._db = self._db, None  # type: ignore[assignment]
+                reader, self._reader = self._reader, None  # type: ignore[assignment]
+                try:
+                    await db.close()
+                finally:
+                    await reader.close()

@@ -33,14 +33,14 @@ class LedgerRows(CatalogDB):
 
     async def ledger_since(self, channel: str, subdir: str) -> float | None:
         """When the subdir's ledger began (None: no whole repodata.json read yet)."""
-        rows = await self._execute(
+        rows = await self._read(
             "SELECT since FROM ledger_subdirs WHERE channel=? AND subdir=?", (channel, subdir)
         )
         return float(rows[0]["since"]) if rows else None
 
     async def sightings_after(self, channel: str, subdir: str, since: float) -> dict[str, float]:
         """filename -> first sighting, for the records that appeared after the ledger began."""
-        rows = await self._execute(
+        rows = await self._read(
             "SELECT filename, first_seen FROM ledger WHERE channel=? AND subdir=? AND first_seen>?",
             (channel, subdir, since),
         )
@@ -48,7 +48,7 @@ class LedgerRows(CatalogDB):
 
     async def sighting(self, channel: str, subdir: str, filename: str) -> Sighting | None:
         """The ledger row of one record."""
-        rows = await self._execute(
+        rows = await self._read(
             "SELECT * FROM ledger WHERE channel=? AND subdir=? AND filename=?", (channel, subdir, filename)
         )
         return _sighting(rows[0]) if rows else None
@@ -58,7 +58,7 @@ class LedgerRows(CatalogDB):
 
         unknown: also those that carry no time at all.
         """
-        rows = await self._execute(
+        rows = await self._read(
             """SELECT * FROM ledger WHERE channel=? AND subdir=? AND (indexed_timestamp>? OR first_seen>?
                OR timestamp>? OR (? AND indexed_timestamp IS NULL AND timestamp IS NULL))""",
             (channel, subdir, moment, moment, moment, unknown),

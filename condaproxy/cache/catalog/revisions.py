@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from condaproxy.cache.catalog.db import CatalogDB
+from condaproxy.cache.catalog.db import CatalogDB, Tx
 from condaproxy.cache.unit import Unit
 from condaproxy.conda.derived import TRACKED, rev_name
 from condaproxy.conda.paths import UnitKey, kind_of
@@ -19,18 +19,18 @@ from condaproxy.conda.paths import UnitKey, kind_of
 class RevisionRows(CatalogDB):
     """Recording revisions as documents change, and finding the one current at a moment."""
 
-    async def _completing(self, unit: Unit) -> None:
+    async def _completing(self, tx: Tx, unit: Unit) -> None:
         k = unit.key
         if k.filename not in TRACKED:
             return
         now = self.clock()
-        latest = await self._execute(
+        latest = await tx.execute(
             """SELECT first_at, blob_key FROM revisions WHERE channel=? AND subdir=? AND filename=?
                ORDER BY first_at DESC LIMIT 1""",
             (k.channel, k.subdir, k.filename),
         )
         if latest and latest[0]["blob_key"] == unit.blob_key:
-            await self._execute(
+            await tx.execute(
                 "UPDATE revisions SET last_at=? WHERE channel=? AND subdir=? AND filename=? AND first_at=?",
                 (now, k.channel, k.subdir, k.filename, latest[0]["first_at"]),
             )
@@ -38,16 +38,16 @@ class RevisionRows(CatalogDB):
         if latest and now <= latest[0]["first_at"]:
             now = latest[0]["first_at"] + 0.001  # a clock that stood still: keep the order
         if latest:
-            await self._execute(
+            await tx.execute(
                 "UPDATE revisions SET last_at=? WHERE channel=? AND subdir=? AND filename=? AND first_at=?",
                 (now, k.channel, k.subdir, k.filename, latest[0]["first_at"]),
             )
-        await self._execute(
+        await tx.execute(
             "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
             (k.channel, k.subdir, k.filename, now, now, unit.blob_key),
         )
         # The blob is kept by a row of its own, so the next document does not orphan it.
-        await self._execute(
+        await tx.execute(
             """INSERT OR IGNORE INTO units (channel, subdir, filename, kind, upstream_url, state,
                blob_key, sha256, size, headers, etag, last_modified, fetched_at, validated_at,
                accessed_at, source_blob, hits)
@@ -71,7 +71,7 @@ class RevisionRows(CatalogDB):
 
     async def revision_at(self, key: UnitKey, moment: float) -> UnitKey | None:
         """The unit of the revision of key current at moment, or None if none known then is kept."""
-        rows = await self._execute(
+        rows = await self._read(
             """SELECT blob_key FROM revisions WHERE channel=? AND subdir=? AND filename=? AND first_at<=?
                ORDER BY first_at DESC LIMIT 1""",
             (key.channel, key.subdir, key.filename, moment),
@@ -82,17 +82,17 @@ class RevisionRows(CatalogDB):
 
     async def prune_revisions(self, before: float) -> list[UnitKey]:
         """Forget revisions superseded before `before`; returns their unit keys no revision still needs."""
-        rows = await self._execute(
-            "DELETE FROM revisions WHERE last_at<? AND EXISTS (SELECT 1 FROM revisions AS r2 "
-            "WHERE r2.channel=revisions.channel AND r2.subdir=revisions.subdir "
-            "AND r2.filename=revisions.filename AND r2.first_at>revisions.first_at) "
-            "RETURNING channel, subdir, filename, blob_key",
-            (before,),
-        )
-        await self._db.commit()
+        async with self.transaction() as tx:
+            rows = await tx.execute(
+                "DELETE FROM revisions WHERE last_at<? AND EXISTS (SELECT 1 FROM revisions AS r2 "
+                "WHERE r2.channel=revisions.channel AND r2.subdir=revisions.subdir "
+                "AND r2.filename=revisions.filename AND r2.first_at>revisions.first_at) "
+                "RETURNING channel, subdir, filename, blob_key",
+                (before,),
+            )
         gone = []
         for r in rows:
-            still = await self._execute(
+            still = await self._read(
                 "SELECT 1 FROM revisions WHERE channel=? AND subdir=? AND filename=? AND blob_key=? LIMIT 1",
                 (r["channel"], r["subdir"], r["filename"], r["blob_key"]),
             )
