@@ -225,12 +225,12 @@ async def test_remove(catalog: Catalog) -> None:
 
 async def test_remove_names_the_row_version_it_means(catalog: Catalog) -> None:
     # A reader that found the old blob gone after a revalidation replaced it: the new row stays.
-    await catalog.complete(unit(REPO, BLOB_A))
-    assert await catalog.complete(unit(REPO, BLOB_B, etag='"v2"')) == BLOB_A
+    await catalog.complete(unit(ROOT, BLOB_A))
+    assert await catalog.complete(unit(ROOT, BLOB_B, etag='"v2"')) == BLOB_A
     await catalog.blob_deleted(BLOB_A)
-    dropped = await catalog.remove(REPO, BLOB_A)
+    dropped = await catalog.remove(ROOT, BLOB_A)
     assert (dropped.removed, dropped.orphan) == (False, None)
-    assert await catalog.get(REPO) == unit(REPO, BLOB_B, etag='"v2"')
+    assert await catalog.get(ROOT) == unit(ROOT, BLOB_B, etag='"v2"')
 
 
 async def test_remove_keeps_a_shared_blob(catalog: Catalog) -> None:

@@ -42,9 +42,11 @@ WAL_LIMIT = 4 * 1024 * 1024
 # of the subdir's metadata is cached: the unit it was learned from, or one saying the same
 # (learned.py says when each kind goes).
 METADATA_KINDS: Final = (Kind.REPODATA.value, Kind.SHARD_INDEX.value, Kind.SHARD.value)
+# A kept revision (`repodata.json@rev-<sha256>`, for views) is history, not the subdir's
+# metadata: what was learned goes with the last live document, and the ledger with it.
 HAS_METADATA: Final = (
     "SELECT 1 FROM units WHERE channel=? AND subdir=? AND kind IN "
-    f"({', '.join(repr(k) for k in METADATA_KINDS)}) LIMIT 1"
+    f"({', '.join(repr(k) for k in METADATA_KINDS)}) AND filename NOT LIKE '%@rev-%' LIMIT 1"
 )
 LEARNED_TABLES: Final = ("digests", "shard_bases", "package_bases")
 
