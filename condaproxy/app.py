@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +19,12 @@ from condaproxy.cache.derive import Deriver
 from condaproxy.cache.download import Fetcher
 from condaproxy.cache.evict import Evictor
 from condaproxy.cache.expected import DigestResolver
+from condaproxy.cache.filtered import Filtered
+from condaproxy.cache.history import prune_forever
 from condaproxy.cache.housekeeping import flush_touches_forever, reset_temp_dir, sweep
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.policies import PolicyBook
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
@@ -53,6 +58,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await loop.run_in_executor(None, reset_temp_dir, temp)
     store = parts.store(root / "blobs")
     catalog = await parts.catalog.open(root / "catalog.sqlite3")
+    clock = app[CLOCK]
+    catalog.clock = clock
     await sweep(catalog, store)
     metrics = Metrics()
     # Imported here: the upstream session must be created inside the running loop.
@@ -70,12 +77,31 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         lambda key, channel: fetcher.obtain(key, channel, derive=False), catalog, persist, resolver.blob_file
     )
     metrics.inflight.set_function(lambda: len(inflight))
+    book = PolicyBook(config, metrics, clock)
+    fetcher.filtered = Filtered(
+        book,
+        catalog,
+        persist,
+        lambda key, channel: fetcher.ensure(key, channel),
+        resolver.blob_file,
+        lambda: book.config.cache.repodata_ttl,
+        lambda key: key in fetcher.not_found,
+    )
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
     cold = ColdFetches(config.lazy.max_cold_per_client)
     app[SERVICES] = Services(
-        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold
+        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold, book, clock
     )
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
+    pruner = loop.create_task(
+        prune_forever(catalog, store, lambda: book.config.cache.history, clock), name="prune-history"
+    )
+    hangup = False
+    if config.source is not None:
+        # SIGHUP re-reads the file's policies (rules, cooldowns); nothing cached is dropped.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, book.reload)
+            hangup = True
     app[EVICTOR] = evictor = Evictor(config.cache, catalog, store, inflight)
     if config.cache.max_size:
         evictor.start()
@@ -88,9 +114,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         deadline = app[DEADLINE]
         await scrubber.close()
         await evictor.close()  # first: it must not delete blobs while the rest shuts down
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        if hangup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for task in (flusher, pruner):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         # Whatever the shutdown's first step left (downloads started by the last requests).
         await inflight.close(grace=deadline.left())
         await persist.close(timeout=deadline.left())
@@ -151,6 +180,7 @@ async def _calibrate(reserve: FdReserve) -> None:
 CONFIG = web.AppKey("config", Config)
 PARTS = web.AppKey("parts", Parts)
 DEADLINE = web.AppKey("deadline", Deadline)
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 EVICTOR = web.AppKey("evictor", Evictor)
 
 
@@ -160,11 +190,13 @@ def create_app(
     client_timeout: float = CLIENT_TIMEOUT,
     parts: Parts = DEFAULT_PARTS,
     fd_reserve: FdReserve | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """Build the streamer application for config; nothing starts until the app runs.
 
-    client_timeout bounds both the wait for a complete request head and an idle keep-alive.
-    fd_reserve: the descriptors kept from clients (default: from this process's limit).
+    client_timeout bounds both the wait for a complete request head and an idle keep-alive;
+    fd_reserve: the descriptors kept from clients (default: from this process's limit);
+    clock is the time policies, the ledger and revisions go by (tests move it instead of sleeping).
     """
     reserve = fd_reserve or FdReserve.current()
     app = web.Application(
@@ -185,6 +217,7 @@ def create_app(
     app[CONFIG] = config
     app[PARTS] = parts
     app[DEADLINE] = Deadline(config.lazy.shutdown_grace)
+    app[CLOCK] = clock
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_stop_downloads)
     if reserve is not None:

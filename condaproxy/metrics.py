@@ -50,6 +50,31 @@ class Metrics:
             "condaproxy_scrub_purged", "Units dropped by the scrub: their blob no longer matched", registry=r
         )
 
+        self.policy_held = Gauge(
+            "condaproxy_policy_held",
+            "Records the release cooldown holds back from the index now, by channel",
+            ["channel"],
+            registry=r,
+        )
+        self.policy_next_release = Gauge(
+            "condaproxy_policy_next_release_timestamp_seconds",
+            "When the next held record of a channel comes of age (Unix time)",
+            ["channel"],
+            registry=r,
+        )
+        self.policy_hidden = Gauge(
+            "condaproxy_policy_hidden",
+            "Records a hide rule keeps out of the index now, by channel and rule",
+            ["channel", "rule"],
+            registry=r,
+        )
+        self.policy_refused = Counter(
+            "condaproxy_policy_refused",
+            "Package requests refused with 403 by the cooldown or a rule",
+            ["channel", "reason"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)

@@ -61,13 +61,15 @@ class Proxy:
         handler_cancellation: bool = False,
         client_timeout: float | None = None,
         parts: Parts = DEFAULT_PARTS,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
-        self.app = (
-            create_app(config, parts=parts)
-            if client_timeout is None
-            else create_app(config, client_timeout=client_timeout, parts=parts)
-        )
+        options: dict[str, Any] = {"parts": parts}
+        if client_timeout is not None:
+            options["client_timeout"] = client_timeout
+        if clock is not None:
+            options["clock"] = clock
+        self.app = create_app(config, **options)
         self._runner = web.AppRunner(self.app, handler_cancellation=handler_cancellation, **server_options())
         self._port = 0
         self.session: aiohttp.ClientSession | None = None

@@ -438,17 +438,24 @@ async def test_kill_9_at_each_persist_step_keeps_the_store_consistent(
     ini = write_config(tmp_path / "proxy.ini", cache, upstream.url, port, repodata_ttl="1")
     pkg = channel.by_name("cp-data")
     repodata = f"{CH}/noarch/repodata.json"
-    target = repodata if point in ("after-commit", "before-old-blob-delete") else f"{CH}/{pkg.url_path}"
+    # A replaced repodata.json keeps its blob as a revision (for /@<when>/ views): a replaced
+    # blob is deleted when another mutable file changes, such as channeldata.json.
+    channeldata = f"{CH}/channeldata.json"
+    target = {"after-commit": repodata, "before-old-blob-delete": channeldata}.get(
+        point, f"{CH}/{pkg.url_path}"
+    )
     if point == "before-old-blob-delete":
-        # Cache one version of repodata first: the kill comes as a new one replaces it.
+        # Cache one version first: the kill comes as a new one replaces it.
+        upstream.replace(channeldata, b'{"version": 1}', "application/json")
         proc = await ProxyProcess(ini, port).start()
         try:
-            async with aiohttp.ClientSession() as session, session.get(proc.url + repodata) as resp:
+            async with aiohttp.ClientSession() as session, session.get(proc.url + channeldata) as resp:
                 await resp.read()
             await asyncio.sleep(0.3)
         finally:
             assert proc.stop() == 0
-        upstream.replace(repodata, REPLACED, "application/json")
+        upstream.clear_faults(channeldata)
+        upstream.replace(channeldata, REPLACED, "application/json")
         await asyncio.sleep(1.1)  # past repodata_ttl
     argv = [
         sys.executable,
@@ -481,6 +488,9 @@ async def test_kill_9_at_each_persist_step_keeps_the_store_consistent(
         if target == repodata:
             # The old version, or the new one if its row committed before the kill.
             expected = {(channel.path / "noarch/repodata.json").read_bytes(), REPLACED}
+        elif target == channeldata:
+            upstream.replace(channeldata, REPLACED, "application/json")
+            expected = {b'{"version": 1}', REPLACED}
         else:
             expected = {pkg.read_bytes()}
         async with aiohttp.ClientSession() as session, session.get(proc.url + target) as resp:

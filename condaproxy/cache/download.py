@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -65,6 +66,8 @@ class Fetcher:
         self.metrics = metrics
         self.expected: ExpectedLookup | None = None  # set by the app (expected.DigestResolver)
         self.deriver: Deriver | None = None  # set by the app
+        # Set by the app: makes policy and view documents (False: not one of those names).
+        self.filtered: Callable[[Download, ChannelConfig, Unit | None], Awaitable[bool]] | None = None
         self._receiver = Receiver(catalog, metrics, self._failed)
         # Upstream 404s are remembered briefly, never for long (the file may appear soon).
         self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
@@ -156,6 +159,8 @@ class Fetcher:
             return  # a verified copy from the channel's alternate source: no upstream fetch
         if variants.is_internal(key.filename):
             # A content-coded representation exists only here: always derived, never fetched.
+            if self.filtered is not None and await self.filtered(dl, channel, cached):
+                return  # a policy or view document
             await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"))
             return
         url = await self._url(channel, key)
@@ -277,7 +282,14 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         try:
             count = await loop.run_in_executor(
-                None, learning.learn, self.catalog.path, key.channel, key.subdir, key.filename, path
+                None,
+                learning.learn,
+                self.catalog.path,
+                key.channel,
+                key.subdir,
+                key.filename,
+                path,
+                self.catalog.clock(),
             )
         except Exception as exc:  # a malformed file must not take the proxy down
             log.warning("could not learn digests from %s: %s", key, exc)

@@ -1,4 +1,5 @@
-"""Writing the package digests a repodata file or shard states into the catalog, in batches.
+"""Writing what a repodata file or shard states into the catalog, in batches: each package's
+digest (sha256, size) and, in the ledger, each record's first sighting.
 
 Synchronous, for an executor thread: it uses the thread's own SQLite connection, so a
 conda-forge-sized repodata.json is learned in bounded memory without touching the event loop.
@@ -10,25 +11,46 @@ subdir's digests with its last metadata, and a batch must not bring them back af
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from condaproxy.cache.catalog.db import HAS_METADATA, connect_sync
-from condaproxy.conda.digests import Digest, digests_in
+from condaproxy.conda import variants
+from condaproxy.conda.decoding import open_decoded
+from condaproxy.conda.filtering import iter_records, record_times
+from condaproxy.conda.shards import RECORD_KEYS, unpack_zst_msgpack
 
 BATCH = 10_000
+_DIGEST = "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)"
+# Written once, never changed: a record's first sighting stays its first.
+_SIGHTING = "INSERT OR IGNORE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?)"
+# The first whole repodata.json read for a subdir begins its ledger.
+_BEGIN = "INSERT OR IGNORE INTO ledger_subdirs VALUES (?, ?, ?)"
 
 Row = tuple[str, str, str, str, int | None]
+Sighting = tuple[str, str, str, str, float, float | None, float | None]
 
 
-def _write(conn: sqlite3.Connection, channel: str, subdir: str, batch: list[Row]) -> bool:
+def _write(
+    conn: sqlite3.Connection,
+    channel: str,
+    subdir: str,
+    batch: list[Row],
+    sightings: list[Sighting],
+    begin: float | None,
+) -> bool:
     """One batch in one transaction; False (nothing written) when the subdir's metadata is gone."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         if conn.execute(HAS_METADATA, (channel, subdir)).fetchone() is None:
             conn.rollback()
             return False
-        conn.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)", batch)
+        if begin is not None:
+            conn.execute(_BEGIN, (channel, subdir, begin))
+        conn.executemany(_DIGEST, batch)
+        conn.executemany(_SIGHTING, sightings)
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -36,25 +58,73 @@ def _write(conn: sqlite3.Connection, channel: str, subdir: str, batch: list[Row]
     return True
 
 
-def _store(conn: sqlite3.Connection, channel: str, subdir: str, digests: Iterator[Digest]) -> int:
+def _digest(record: dict[str, Any]) -> tuple[str, int | None] | None:
+    sha = record.get("sha256")
+    if isinstance(sha, bytes):
+        sha = sha.hex()
+    if not isinstance(sha, str):
+        return None
+    size = record.get("size")
+    return sha.lower(), int(size) if isinstance(size, int | float) and not isinstance(size, bool) else None
+
+
+def _records(path: Path, filename: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if filename.startswith("shards/"):
+        shard = unpack_zst_msgpack(path)
+        for key in RECORD_KEYS:
+            for name, record in (shard.get(key) or {}).items():
+                if isinstance(record, dict):
+                    yield name, record
+        return
+    with open_decoded(path, filename) as stream:
+        yield from iter_records(stream)
+
+
+def _store(
+    conn: sqlite3.Connection,
+    channel: str,
+    subdir: str,
+    records: Iterator[tuple[str, dict[str, Any]]],
+    now: float,
+    begins: bool,
+) -> int:
     count = 0
     batch: list[Row] = []
-    for filename, sha, size in digests:
-        batch.append((channel, subdir, filename, sha, size))
-        if len(batch) >= BATCH:
-            if not _write(conn, channel, subdir, batch):
+    sightings: list[Sighting] = []
+    begin = now if begins else None
+    for filename, record in records:
+        digest = _digest(record)
+        if digest is not None:
+            batch.append((channel, subdir, filename, *digest))
+        times = record_times(filename, record)
+        sightings.append(
+            (channel, subdir, filename, times.name, now, times.timestamp, times.indexed_timestamp)
+        )
+        if len(sightings) >= BATCH:
+            if not _write(conn, channel, subdir, batch, sightings, begin):
                 return count
             count += len(batch)
             batch.clear()
-    if batch and _write(conn, channel, subdir, batch):
+            sightings.clear()
+            begin = None
+    if (sightings or begin is not None) and _write(conn, channel, subdir, batch, sightings, begin):
         count += len(batch)
     return count
 
 
-def learn(db_path: Path, channel: str, subdir: str, filename: str, path: Path) -> int:
-    """Record the package digests a repodata file or shard states; returns how many."""
+def learn(
+    db_path: Path, channel: str, subdir: str, filename: str, path: Path, now: float | None = None
+) -> int:
+    """Record the package digests and first sightings a repodata file or shard states; returns how many.
+
+    now: the time of the sighting (the catalog's clock). The first whole repodata.json read for
+    a subdir begins its ledger, at that time.
+    """
+    now = time.time() if now is None else now
+    parts = variants.split(filename)
+    begins = parts is not None and parts[0] == "repodata.json" and parts[2] is None
     conn = connect_sync(db_path)
     try:
-        return _store(conn, channel, subdir, digests_in(path, filename))
+        return _store(conn, channel, subdir, _records(path, filename), now, begins)
     finally:
         conn.close()

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from condaproxy.conda.when import When, parse_when
+
 
 class Kind(enum.StrEnum):
     """What a unit is; decides mutability and how it is verified."""
@@ -52,6 +54,7 @@ class Request:
 
     key: UnitKey
     token: str | None = None
+    when: When | None = None  # /@<when>/...: the channel as it was then
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +138,20 @@ def parse_path(raw_path: str) -> Request | Rejection:
     if isinstance(segs, Rejection):
         return segs
     token = None
-    if len(segs) >= 2 and segs[0] == "t":
-        if not _TOKEN.fullmatch(segs[1]):
-            return Rejection(400, "malformed token segment")
-        token, segs = segs[1], segs[2:]
-        if segs and segs[0] == "t":
-            return Rejection(400, "nested token segment")
+    when = None
+    # conda puts its token after a channel_alias's path (/@when/t/<token>/...); accept both orders.
+    for _ in range(2):
+        if segs and segs[0].startswith("@") and when is None:
+            when = parse_when(segs[0][1:])
+            if when is None:
+                return Rejection(404, "a view is /@<YYYY-MM-DD | RFC 3339 time | age such as 7d>/...")
+            segs = segs[1:]
+        elif len(segs) >= 2 and segs[0] == "t" and token is None:
+            if not _TOKEN.fullmatch(segs[1]):
+                return Rejection(400, "malformed token segment")
+            token, segs = segs[1], segs[2:]
+    if segs and (segs[0] == "t" or segs[0].startswith("@")):
+        return Rejection(400, "nested token or view segment")
     if len(segs) < 2:
         return Rejection(404, "expected /<channel>/<subdir>/<file>")
 
@@ -165,10 +176,18 @@ def parse_path(raw_path: str) -> Request | Rejection:
         if not _CHANNEL_SEGMENT.fullmatch(seg):
             return Rejection(400, "channel names are lowercase letters, digits, '.', '_', '-'")
     channel = "/".join(rest)
-    return Request(UnitKey(channel, subdir, filename, kind_of(filename)), token)
+    return Request(UnitKey(channel, subdir, filename, kind_of(filename)), token, when)
 
 
 def package_name(filename: str) -> str:
     """The package name of name-version-build.conda / .tar.bz2."""
+    return package_parts(filename)[0]
+
+
+def package_parts(filename: str) -> tuple[str, str, str]:
+    """(name, version, build) of name-version-build.conda / .tar.bz2 (conda forbids '-' in the last two)."""
     stem = filename.removesuffix(".conda").removesuffix(".tar.bz2")
-    return stem.rsplit("-", 2)[0]
+    parts = stem.rsplit("-", 2)
+    while len(parts) < 3:
+        parts.append("")
+    return parts[0], parts[1], parts[2]

@@ -6,6 +6,8 @@ from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
 
+from condaproxy.conda.rules import Rule, parse_rule
+from condaproxy.conda.when import parse_duration
 from condaproxy.config.ini import Section, parse_ini
 from condaproxy.config.model import (
     CacheConfig,
@@ -20,6 +22,9 @@ from condaproxy.config.tls import TlsIdentity, TlsSetupError, build_context
 from condaproxy.errors import ConfigError
 
 _CHANNEL_PREFIX = "channel:"
+_POLICY = "policy"
+_POLICY_PREFIX = "policy:"
+_COOLDOWN_KEYS = ("min_age", "min_age_exempt", "min_age_unknown", "indexed_timestamp")
 _TLS_KEYS = ("ca_bundle", "client_cert", "client_key")
 
 # The keys each section accepts are the dataclass fields, so the two cannot drift apart.
@@ -44,10 +49,17 @@ def load_config(path: Path | str) -> Config:
     parser = parse_ini(file, text)
 
     sections: dict[str, Section] = {}
+    rules: list[Rule] = []
     for name in parser.sections():
+        if name == _POLICY or name.startswith(_POLICY_PREFIX):
+            rules += _rules(Section(file, name, parser[name]), name.removeprefix(_POLICY).removeprefix(":"))
+            continue
         kind = _CHANNEL_PREFIX if name.startswith(_CHANNEL_PREFIX) else name
         if kind not in _KEYS:
-            message = "unknown section; expected [lazy], [cache], [upstream] or [channel:NAME]"
+            message = (
+                "unknown section; expected [lazy], [cache], [upstream], [channel:NAME],"
+                " [policy] or [policy:NAME]"
+            )
             raise ConfigError(file, name, None, message)
         sections[name] = Section(file, name, parser[name])
         sections[name].check_keys(_KEYS[kind])
@@ -63,7 +75,7 @@ def load_config(path: Path | str) -> Config:
         if name.startswith(_CHANNEL_PREFIX):
             channel = _channel(sec, name.removeprefix(_CHANNEL_PREFIX), upstream, path.absolute().parent)
             channels[channel.name] = channel
-    return Config(lazy, cache, upstream, MappingProxyType(channels), source=path)
+    return Config(lazy, cache, upstream, MappingProxyType(channels), source=path, rules=tuple(rules))
 
 
 def default_config(directory: Path | None = None) -> Config:
@@ -102,7 +114,56 @@ def _cache(s: Section, base: Path) -> CacheConfig:
         pin=s.words("pin"),
         pin_lockfile=s.readable_file("pin_lockfile", base) if s.get("pin_lockfile") else None,
         scrub_interval=s.integer("scrub_interval", d.scrub_interval),
+        history=_duration(s, "history", d.history),
     )
+
+
+def _duration(s: Section, key: str, default: float) -> float:
+    raw = s.get(key)
+    if raw is None:
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise s.error(key, str(exc)) from None
+
+
+def _cooldown(s: Section, inherited: UpstreamConfig | None) -> dict[str, object]:
+    """min_age, min_age_exempt, min_age_unknown and indexed_timestamp, defaulting to inherited."""
+    d = inherited or UpstreamConfig()
+    unknown = s.get("min_age_unknown")
+    if unknown is not None and unknown not in ("allow", "hold"):
+        raise s.error("min_age_unknown", f"expected allow or hold, got {unknown!r}")
+    return {
+        "min_age": _duration(s, "min_age", d.min_age),
+        "min_age_exempt": s.words("min_age_exempt")
+        if s.get("min_age_exempt") is not None
+        else d.min_age_exempt,
+        "min_age_unknown": unknown or d.min_age_unknown,
+        "indexed_timestamp": s.boolean("indexed_timestamp", d.indexed_timestamp),
+    }
+
+
+def _rules(s: Section, channel: str) -> list[Rule]:
+    """[policy] (every channel) or [policy:NAME]: keys hide, deny, hide.RULE or deny.RULE; one
+    MatchSpec per line."""
+    if channel and not is_channel_name(channel):
+        raise s.error(None, "expected [policy:NAME], NAME being a channel name")
+    rules = []
+    for key, raw in s.values.items():
+        action, _, label = key.partition(".")
+        if action not in ("hide", "deny"):
+            raise s.error(key, "expected hide, deny, hide.NAME or deny.NAME")
+        specs = [line.strip() for line in raw.splitlines() if line.strip()]
+        if not specs:
+            raise s.error(key, "expected a MatchSpec such as 'openssl <3' or '*-nightly'")
+        for spec in specs:
+            name = label or f"{action} {spec}"
+            try:
+                rules.append(parse_rule(name, action, spec, channel or None))
+            except ValueError as exc:
+                raise s.error(key, str(exc)) from None
+    return rules
 
 
 def _upstream(s: Section) -> UpstreamConfig:
@@ -113,6 +174,7 @@ def _upstream(s: Section) -> UpstreamConfig:
         connect_timeout=s.seconds("connect_timeout", d.connect_timeout),
         read_timeout=s.seconds("read_timeout", d.read_timeout),
         auth_ttl=s.seconds("auth_ttl", d.auth_ttl),
+        **_cooldown(s, None),  # type: ignore[arg-type]
     )
 
 
@@ -150,4 +212,5 @@ def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> Cha
         header=s.header("header"),
         alternate_source=s.existing_directory("alternate_source", base),
         private=s.boolean("private", False),
+        **_cooldown(s, upstream),  # type: ignore[arg-type]
     )

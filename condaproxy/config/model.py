@@ -10,6 +10,8 @@ from types import MappingProxyType
 
 import platformdirs
 
+from condaproxy.conda.policy import Policy
+from condaproxy.conda.rules import Rule
 from condaproxy.config.tls import TlsIdentity
 
 # Lowercase segments joined by "/", as anaconda.org names them ("pkgs/main",
@@ -53,6 +55,7 @@ class CacheConfig:
     pin_lockfile: Path | None = None
     repodata_stale_while_revalidate: int = 0  # seconds past TTL served at once while revalidating
     scrub_interval: int = 0  # seconds between passes re-hashing every blob; 0 means never
+    history: float = 90 * 86400.0  # seconds superseded repodata revisions are kept for views
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ class ChannelConfig:
     alternate_source: Path | None = None  # a local tree laid out like the channel (<subdir>/<file>)
     # Private: served only to clients whose own /t/<token>/ the upstream accepts for the channel.
     private: bool = False
+    # Release cooldown: records younger than min_age seconds are kept from clients (0: none).
+    min_age: float = 0.0
+    min_age_exempt: tuple[str, ...] = ()  # package names or globs the cooldown spares
+    min_age_unknown: str = "allow"  # records of unknown age: "allow" (as clients do) or "hold"
+    indexed_timestamp: bool = False  # serve each record's effective time as CEP-47 indexed_timestamp
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -95,6 +103,11 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     auth_ttl: float = 300.0  # seconds an upstream's "yes" to a client token is remembered
+    # The release cooldown of channels without their own setting (see ChannelConfig).
+    min_age: float = 0.0
+    min_age_exempt: tuple[str, ...] = ()
+    min_age_unknown: str = "allow"
+    indexed_timestamp: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class Config:
     upstream: UpstreamConfig
     channels: Mapping[str, ChannelConfig] = field(default_factory=lambda: MappingProxyType({}))
     source: Path | None = None
+    rules: tuple[Rule, ...] = ()  # [policy] and [policy:NAME]: hide and deny rules
 
     def __post_init__(self) -> None:
         # A frozen dataclass still hands out its dict; a proxy keeps channels read-only.
@@ -127,7 +141,27 @@ class Config:
             urls = tuple(f"{u}/label/{label}" for u in up_ch.urls)
             return replace(up_ch, name=name, url=urls[0], urls=urls, alternate_source=None)
         up = self.upstream
-        return ChannelConfig(name, f"{up.default}/{name}", up.connect_timeout, up.read_timeout)
+        return ChannelConfig(
+            name,
+            f"{up.default}/{name}",
+            up.connect_timeout,
+            up.read_timeout,
+            min_age=up.min_age,
+            min_age_exempt=up.min_age_exempt,
+            min_age_unknown=up.min_age_unknown,
+            indexed_timestamp=up.indexed_timestamp,
+        )
+
+    def policy(self, channel: ChannelConfig) -> Policy:
+        """What the channel's clients may see and fetch: its cooldown and the rules in force for it."""
+        return Policy(
+            channel=channel.name,
+            min_age=channel.min_age,
+            exempt=channel.min_age_exempt,
+            unknown_hold=channel.min_age_unknown == "hold",
+            rules=tuple(r for r in self.rules if r.applies_to(channel.name)),
+            stamp=channel.indexed_timestamp,
+        )
 
 
 def is_channel_name(name: str) -> bool:

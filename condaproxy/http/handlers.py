@@ -24,6 +24,7 @@ from condaproxy.http.hits import serve_unit
 from condaproxy.http.live import stream
 from condaproxy.http.responses import text
 from condaproxy.http.services import SERVICES, Services
+from condaproxy.http.views import route
 from condaproxy.upstream.admission import Refused
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except Refused as exc:
         return text(exc.status, exc.reason)
     try:
-        return await _serve(request, svc, key, channel)
+        # Policies and views: a refusal, a kept revision, or the document made in this one's stead.
+        routed = await route(request, svc, parsed, channel)
+        if not isinstance(routed, UnitKey):
+            return routed
+        return await _serve(request, svc, routed, channel)
     except CatalogBusy:
         return text(503, "catalog busy, retry shortly", headers={"Retry-After": "1"})
 

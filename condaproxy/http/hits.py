@@ -60,10 +60,15 @@ async def _coded(request: web.Request, svc: Services, unit: Unit, channel: Chann
 
 
 async def serve_unit(
-    request: web.Request, svc: Services, unit: Unit, xcache: str, channel: ChannelConfig
+    request: web.Request,
+    svc: Services,
+    unit: Unit,
+    xcache: str,
+    channel: ChannelConfig,
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse | None:
     """Answer from the store; None if the blob is missing or damaged (its row is then dropped)."""
-    extra: dict[str, str] = {}
+    extra: dict[str, str] = dict(headers or {})
     if unit.key.filename in variants.BASES:
         extra["Vary"] = "Accept-Encoding"
         coded = await _coded(request, svc, unit, channel)
@@ -94,7 +99,7 @@ async def _serve_blob(
             await remove_unit(svc.catalog, svc.store, unit.key, unit.blob_key)
             return None
     try:
-        headers = unit_headers(svc.config, unit.key, {**unit.headers, **extra}, xcache)
+        headers = unit_headers(svc.config, unit.key, {**unit.headers, **extra}, xcache, svc.clock())
         if xcache == "STALE":
             headers["Age"] = str(max(0, int(time.time() - unit.validated_at)))
         svc.catalog.touch(unit.key, time.time())

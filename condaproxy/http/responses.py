@@ -43,10 +43,24 @@ def abort(request: web.BaseRequest) -> None:
     transport.abort()
 
 
-def unit_headers(config: Config, key: UnitKey, base: dict[str, str], xcache: str) -> dict[str, str]:
-    """The headers of a unit's response: what it keeps (rows cached before that rule too) and ours."""
+RELEASE = "X-Condaproxy-Release"
+
+
+def unit_headers(
+    config: Config, key: UnitKey, base: dict[str, str], xcache: str, now: float | None = None
+) -> dict[str, str]:
+    """The headers of a unit's response: what it keeps (rows cached before that rule too) and ours.
+
+    A document made by a policy says when to ask again.
+    """
     headers = kept_headers(key.kind, base)
-    headers["Cache-Control"] = cache_control(key.kind, config)
+    # Upstream's Cache-Control is never stored (upstream.headers): one here is the proxy's own.
+    headers["Cache-Control"] = headers.get("Cache-Control") or cache_control(key.kind, config)
+    release = base.get(RELEASE)
+    if release is not None and now is not None:
+        # No longer than until the next held record comes of age (policy documents).
+        remaining = max(0, int(float(release) - now))
+        headers["Cache-Control"] = f"public, max-age={min(remaining, config.cache.repodata_ttl)}"
     headers["X-Cache"] = xcache
     headers["Accept-Ranges"] = "bytes"
     return headers

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -10,6 +11,7 @@ from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.download import Fetcher
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.policies import Clock, PolicyBook
 from condaproxy.config.model import Config
 from condaproxy.http.budget import ColdFetches
 from condaproxy.metrics import Metrics
@@ -32,6 +34,8 @@ class Services:
     metrics: Metrics
     auth: ClientAuth
     cold: ColdFetches
+    policies: PolicyBook
+    clock: Clock = field(default=time.time)
 
 
 SERVICES = web.AppKey("services", Services)

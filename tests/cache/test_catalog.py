@@ -191,9 +191,10 @@ async def test_units_are_keyed_by_channel_subdir_and_filename(catalog: Catalog) 
 
 
 async def test_complete_replacing_returns_the_orphaned_blob(catalog: Catalog) -> None:
-    await catalog.complete(unit(REPO, BLOB_A))
-    assert await catalog.complete(unit(REPO, BLOB_B, etag='"v2"')) == BLOB_A
-    got = await catalog.get(REPO)
+    # (A replaced repodata.json keeps its blob as a revision: see test_revisions.py.)
+    await catalog.complete(unit(ROOT, BLOB_A))
+    assert await catalog.complete(unit(ROOT, BLOB_B, etag='"v2"')) == BLOB_A
+    got = await catalog.get(ROOT)
     assert got is not None and got.blob_key == BLOB_B and got.etag == '"v2"'
 
 
@@ -224,12 +225,12 @@ async def test_remove(catalog: Catalog) -> None:
 
 async def test_remove_names_the_row_version_it_means(catalog: Catalog) -> None:
     # A reader that found the old blob gone after a revalidation replaced it: the new row stays.
-    await catalog.complete(unit(REPO, BLOB_A))
-    assert await catalog.complete(unit(REPO, BLOB_B, etag='"v2"')) == BLOB_A
+    await catalog.complete(unit(ROOT, BLOB_A))
+    assert await catalog.complete(unit(ROOT, BLOB_B, etag='"v2"')) == BLOB_A
     await catalog.blob_deleted(BLOB_A)
-    dropped = await catalog.remove(REPO, BLOB_A)
+    dropped = await catalog.remove(ROOT, BLOB_A)
     assert (dropped.removed, dropped.orphan) == (False, None)
-    assert await catalog.get(REPO) == unit(REPO, BLOB_B, etag='"v2"')
+    assert await catalog.get(ROOT) == unit(ROOT, BLOB_B, etag='"v2"')
 
 
 async def test_remove_keeps_a_shared_blob(catalog: Catalog) -> None:
@@ -286,26 +287,26 @@ async def test_revalidated_without_new_validators_keeps_old_ones(catalog: Catalo
 
 async def test_revalidating_a_removed_unit_does_not_resurrect_it(catalog: Catalog) -> None:
     # Eviction may remove the row (and delete its blob) while a conditional GET is in flight.
-    u = unit(REPO)
+    u = unit(ROOT)
     await catalog.complete(u)
-    assert (await catalog.remove(REPO, BLOB_A)).orphan == BLOB_A  # caller deletes it from the store
+    assert (await catalog.remove(ROOT, BLOB_A)).orphan == BLOB_A  # caller deletes it from the store
     assert await catalog.revalidated(u, {"ETag": '"v2"'}, 5000.0) is None
-    assert await catalog.get(REPO) is None
+    assert await catalog.get(ROOT) is None
     assert await catalog.all_units() == []
 
 
 async def test_revalidating_a_stale_unit_keeps_cache_and_row_coherent(
     db_path: Path, catalog: Catalog
 ) -> None:
-    old = unit(REPO, BLOB_A)
-    new = unit(REPO, BLOB_B, etag='"v2"')
+    old = unit(ROOT, BLOB_A)
+    new = unit(ROOT, BLOB_B, etag='"v2"')
     await catalog.complete(old)
     assert await catalog.complete(new) == BLOB_A  # BLOB_A is deleted from the store
     assert await catalog.revalidated(old, {"ETag": '"v1b"'}, 5000.0) is None
-    assert await catalog.get(REPO) == new  # the row was not touched by the stale 304
+    assert await catalog.get(ROOT) == new  # the row was not touched by the stale 304
     other = await Catalog.open(db_path)
     try:
-        assert await other.get(REPO) == new
+        assert await other.get(ROOT) == new
     finally:
         await other.close()
 

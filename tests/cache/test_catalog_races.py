@@ -253,7 +253,8 @@ def package_unit(channel: str, data: bytes) -> Unit:
 
 
 async def test_a_reader_finding_its_blob_gone_keeps_the_newer_version(persisting: Persisting) -> None:
-    key = UnitKey("c", "noarch", "repodata.json", Kind.REPODATA)
+    # (channeldata.json: a replaced repodata.json would be kept as a revision for views)
+    key = UnitKey("c", "", "channeldata.json", Kind.OTHER)
 
     def version(data: bytes) -> Unit:
         sha = hashlib.sha256(data).hexdigest()
@@ -269,7 +270,7 @@ async def test_a_reader_finding_its_blob_gone_keeps_the_newer_version(persisting
     assert await persisting.catalog.get(key) == new
     for name in ("old", "new"):
         (persisting.root / "tmp" / name).unlink()
-    assert check_invariants(persisting.root) == [("c", "noarch", "repodata.json")]
+    assert check_invariants(persisting.root) == [("c", "", "channeldata.json")]
 
 
 # --- 3. every put has its own pending mark --------------------------------------------------

@@ -1,17 +1,19 @@
 """The unit catalog: SQLite (WAL) rows saying which units are complete in the blob store.
 
 One writer and one reader connection, reached through a small class per job: unit rows,
-learned metadata, eviction.
+learned metadata, eviction, the ledger of first sightings and the revision history.
 """
 
 from __future__ import annotations
 
 from condaproxy.cache.catalog.eviction import EvictionRows
 from condaproxy.cache.catalog.learned import LearnedRows
+from condaproxy.cache.catalog.ledger import LedgerRows
+from condaproxy.cache.catalog.revisions import RevisionRows
 from condaproxy.cache.catalog.unit_rows import UnitRows
 
 
-class Catalog(UnitRows, LearnedRows, EvictionRows):
+class Catalog(UnitRows, LearnedRows, EvictionRows, LedgerRows, RevisionRows):
     """Async access to the catalog; the only writer of unit rows."""
 
     async def close(self) -> None:

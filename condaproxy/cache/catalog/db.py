@@ -24,7 +24,7 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.errors import CatalogBusy
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 5000
 # Rows kept in memory for hot look-ups. A row costs ~2 KB (its headers): 10,000 bound the
 # cache to ~20 MB, where 50,000 let a 10-minute soak over thousands of channels grow by 89 MB.
@@ -42,9 +42,11 @@ WAL_LIMIT = 4 * 1024 * 1024
 # of the subdir's metadata is cached: the unit it was learned from, or one saying the same
 # (learned.py says when each kind goes).
 METADATA_KINDS: Final = (Kind.REPODATA.value, Kind.SHARD_INDEX.value, Kind.SHARD.value)
+# A kept revision (`repodata.json@rev-<sha256>`, for views) is history, not the subdir's
+# metadata: what was learned goes with the last live document, and the ledger with it.
 HAS_METADATA: Final = (
     "SELECT 1 FROM units WHERE channel=? AND subdir=? AND kind IN "
-    f"({', '.join(repr(k) for k in METADATA_KINDS)}) LIMIT 1"
+    f"({', '.join(repr(k) for k in METADATA_KINDS)}) AND filename NOT LIKE '%@rev-%' LIMIT 1"
 )
 LEARNED_TABLES: Final = ("digests", "shard_bases", "package_bases")
 
@@ -97,6 +99,31 @@ CREATE TABLE IF NOT EXISTS pending (
     since REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pending_blob ON pending (blob_key);
+CREATE TABLE IF NOT EXISTS ledger (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    name TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    timestamp REAL,
+    indexed_timestamp REAL,
+    PRIMARY KEY (channel, subdir, filename)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_subdirs (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    since REAL NOT NULL,
+    PRIMARY KEY (channel, subdir)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revisions (
+    channel TEXT NOT NULL,
+    subdir TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    blob_key TEXT NOT NULL,
+    PRIMARY KEY (channel, subdir, filename, first_at)
+) WITHOUT ROWID;
 """
 
 # Migrations, keyed by the version they lead to; each runs in one transaction with its version.
@@ -108,6 +135,8 @@ _MIGRATIONS = {
           DROP TABLE pending;
           ALTER TABLE pending_puts RENAME TO pending;
           CREATE INDEX pending_blob ON pending (blob_key);""",
+    # The ledger of first sightings and the revision history: created by the schema script.
+    4: "SELECT 1;",
 }
 
 
@@ -198,6 +227,11 @@ class CatalogDB:
         # Blobs a put left unused while another removal held their claim: that removal settles them.
         self._left: set[str] = set()
         self.on_complete: Callable[[Unit], None] | None = None  # told of every committed row
+        # The time of ledger sightings and revisions; injectable so tests move time, not sleep.
+        self.clock: Callable[[], float] = time.time
+
+    async def _completing(self, tx: Tx, unit: Unit) -> None:
+        """Called inside the transaction that makes unit visible (revisions.py records history)."""
 
     @classmethod
     async def open(cls, path: Path, *, connect: Connect = connect) -> Self:

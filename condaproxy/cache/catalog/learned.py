@@ -23,6 +23,11 @@ async def forget_subdirs(tx: Tx, subdirs: Iterable[tuple[str, str]]) -> bool:
         if not await tx.execute(HAS_METADATA, (channel, subdir)):
             deleted = await tx.count("DELETE FROM digests WHERE channel=? AND subdir=?", (channel, subdir))
             forgot |= bool(deleted)
+            # The ledger too: read again later, the subdir's records then count as already there.
+            for table in ("ledger", "ledger_subdirs"):
+                forgot |= bool(
+                    await tx.count(f"DELETE FROM {table} WHERE channel=? AND subdir=?", (channel, subdir))
+                )
     return forgot
 
 
@@ -61,12 +66,13 @@ class LearnedRows(CatalogDB):
         kinds = ", ".join(repr(k) for k in METADATA_KINDS)
         forgot = False
         async with self.transaction() as tx:
-            for table in LEARNED_TABLES:
+            for table in (*LEARNED_TABLES, "ledger", "ledger_subdirs"):
                 forgot |= bool(
                     await tx.count(
                         f"""DELETE FROM {table} WHERE (channel, subdir) IN (
                                SELECT DISTINCT channel, subdir FROM {table}
-                               EXCEPT SELECT channel, subdir FROM units WHERE kind IN ({kinds}))"""
+                               EXCEPT SELECT channel, subdir FROM units WHERE kind IN ({kinds})
+                               AND filename NOT LIKE '%@rev-%')"""
                     )
                 )
         return forgot

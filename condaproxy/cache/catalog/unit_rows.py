@@ -104,6 +104,7 @@ class UnitRows(CatalogDB):
                 )
                 if put is not None:
                     await tx.execute("DELETE FROM pending WHERE put=?", (put.mark,))
+                await self._completing(tx, unit)  # the revision history, in the same transaction
                 replaced = str(old[0]["blob_key"]) if old else None
                 if replaced is not None and replaced != unit.blob_key and self._claim_or_leave(replaced):
                     orphan = replaced
