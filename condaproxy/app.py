@@ -89,9 +89,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
     cold = ColdFetches(config.lazy.max_cold_per_client)
-    app[SERVICES] = Services(
+    app[SERVICES] = services = Services(
         config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold, book, clock
     )
+    catalog.on_blob_deleted = services.hot.discard
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     pruner = loop.create_task(
         prune_forever(catalog, store, lambda: book.config.cache.history, clock), name="prune-history"

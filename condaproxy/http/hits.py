@@ -3,6 +3,7 @@ and the gzip/zstd-coded copies of repodata a client accepts."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -35,6 +36,18 @@ def _open_blob(path: str, size: int) -> IO[bytes] | None:
         f.close()
         return None
     return f
+
+
+def _read_blob(path: str, size: int) -> bytes | None:
+    """The whole blob, or None when it is missing or not of the size its row says."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return None
+            data = f.read(size + 1)
+    except FileNotFoundError:
+        return None
+    return data if len(data) == size else None
 
 
 def _close(fobj: IO[bytes] | None) -> None:
@@ -91,9 +104,21 @@ async def _serve_blob(
     """Send a stored unit: sendfile for local blobs, Range and conditionals honoured."""
     local = svc.store.local_path(unit.blob_key)
     fobj: IO[bytes] | None = None
+    data: bytes | None = None
     if local is not None:
-        fobj = await opened(partial(_open_blob, str(local), unit.size), _close)
-        if fobj is None:
+        if svc.hot.fits(unit.size):
+            # Small blobs: from memory, or read whole in the one executor hop an open costs.
+            data = svc.hot.get(unit.blob_key, unit.size)
+            if data is None:
+                loop = asyncio.get_running_loop()
+                data = await loop.run_in_executor(None, _read_blob, str(local), unit.size)
+                if data is not None:
+                    svc.hot.put(unit.blob_key, data)
+            missing = data is None
+        else:
+            fobj = await opened(partial(_open_blob, str(local), unit.size), _close)
+            missing = fobj is None
+        if missing:
             log.error("blob of %s is missing or has the wrong size; refetching", unit.key)
             # Only the row version this reader was given: a revalidation may have replaced it.
             await remove_unit(svc.catalog, svc.store, unit.key, unit.blob_key)
@@ -109,6 +134,10 @@ async def _serve_blob(
         if not plan.has_body:
             return await without_body(request, plan, headers)
         count = unit.size - plan.offset if plan.count is None else plan.count
+        if data is not None and request.method != "HEAD" and count > 0:
+            # Headers and body in one write; a body this small never waits on the client.
+            body = data if count == len(data) else data[plan.offset : plan.offset + count]
+            return web.Response(status=plan.status, headers={**headers, **plan.headers}, body=body)
         resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
         resp.content_length = count
         await resp.prepare(request)

@@ -14,6 +14,7 @@ from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.policies import Clock, PolicyBook
 from condaproxy.config.model import Config
 from condaproxy.http.budget import ColdFetches
+from condaproxy.http.hot import HotBlobs
 from condaproxy.metrics import Metrics
 from condaproxy.store.blobstore import BlobStore
 from condaproxy.upstream.admission import ClientAuth
@@ -36,6 +37,7 @@ class Services:
     cold: ColdFetches
     policies: PolicyBook
     clock: Clock = field(default=time.time)
+    hot: HotBlobs = field(default_factory=HotBlobs)  # small blobs served from memory
 
 
 SERVICES = web.AppKey("services", Services)

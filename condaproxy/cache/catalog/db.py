@@ -227,6 +227,8 @@ class CatalogDB:
         # Blobs a put left unused while another removal held their claim: that removal settles them.
         self._left: set[str] = set()
         self.on_complete: Callable[[Unit], None] | None = None  # told of every committed row
+        # Told of every blob deleted from the store (copies kept elsewhere are dropped).
+        self.on_blob_deleted: Callable[[str], None] | None = None
         # The time of ledger sightings and revisions; injectable so tests move time, not sleep.
         self.clock: Callable[[], float] = time.time
 

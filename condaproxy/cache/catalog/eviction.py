@@ -154,6 +154,8 @@ class EvictionRows(CatalogDB):
         """The deleter of a claimed blob is done: clear its pending mark if the blob is gone."""
         try:
             if deleted:
+                if self.on_blob_deleted is not None:
+                    self.on_blob_deleted(blob_key)
                 async with self.transaction() as tx:
                     await tx.execute("DELETE FROM pending WHERE blob_key=?", (blob_key,))
         finally:
