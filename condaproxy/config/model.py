@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import platformdirs
+from cachetools import LRUCache
 
 from condaproxy.conda.policy import Policy
 from condaproxy.conda.rules import Rule
@@ -110,6 +111,9 @@ class UpstreamConfig:
     indexed_timestamp: bool = False
 
 
+UNLISTED_KEPT = 1024
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; build it with load_config() or default_config()."""
@@ -120,6 +124,14 @@ class Config:
     channels: Mapping[str, ChannelConfig] = field(default_factory=lambda: MappingProxyType({}))
     source: Path | None = None
     rules: tuple[Rule, ...] = ()  # [policy] and [policy:NAME]: hide and deny rules
+    # Unlisted channels' sections, made once per name rather than per request (bounded: names
+    # come from clients).
+    _unlisted: LRUCache[str, ChannelConfig] = field(
+        default_factory=lambda: LRUCache(maxsize=UNLISTED_KEPT), init=False, repr=False, compare=False
+    )
+    _policies: LRUCache[tuple[object, ...], Policy] = field(
+        default_factory=lambda: LRUCache(maxsize=UNLISTED_KEPT), init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # A frozen dataclass still hands out its dict; a proxy keeps channels read-only.
@@ -134,6 +146,12 @@ class Config:
         # An invalid name must never be turned into an upstream URL, whoever asks.
         if not self.upstream.allow_unlisted or not is_channel_name(name):
             return None
+        made = self._unlisted.get(name)
+        if made is None:
+            made = self._unlisted[name] = self._unlisted_channel(name)
+        return made
+
+    def _unlisted_channel(self, name: str) -> ChannelConfig:
         # anaconda.org labels live under their channel: <parent>/label/<label> follows the
         # parent's section (its mirrors, TLS and credentials), not the default upstream.
         parent, sep, label = name.rpartition("/label/")
@@ -154,6 +172,20 @@ class Config:
 
     def policy(self, channel: ChannelConfig) -> Policy:
         """What the channel's clients may see and fetch: its cooldown and the rules in force for it."""
+        # Asked on every request: made once per distinct set of what it depends on.
+        key = (
+            channel.name,
+            channel.min_age,
+            channel.min_age_exempt,
+            channel.min_age_unknown,
+            channel.indexed_timestamp,
+        )
+        made = self._policies.get(key)
+        if made is None:
+            made = self._policies[key] = self._make_policy(channel)
+        return made
+
+    def _make_policy(self, channel: ChannelConfig) -> Policy:
         return Policy(
             channel=channel.name,
             min_age=channel.min_age,

@@ -102,18 +102,17 @@ async def _serve_blob(
     request: web.Request, svc: Services, unit: Unit, xcache: str, extra: dict[str, str]
 ) -> web.StreamResponse | None:
     """Send a stored unit: sendfile for local blobs, Range and conditionals honoured."""
-    local = svc.store.local_path(unit.blob_key)
     fobj: IO[bytes] | None = None
-    data: bytes | None = None
-    if local is not None:
-        if svc.hot.fits(unit.size):
-            # Small blobs: from memory, or read whole in the one executor hop an open costs.
-            data = svc.hot.get(unit.blob_key, unit.size)
-            if data is None:
-                loop = asyncio.get_running_loop()
-                data = await loop.run_in_executor(None, _read_blob, str(local), unit.size)
-                if data is not None:
-                    svc.hot.put(unit.blob_key, data)
+    small = svc.hot.fits(unit.size)
+    # Hot small blobs straight from memory: no path, no executor hop (hot.py says why it is safe).
+    data = svc.hot.get(unit.blob_key, unit.size) if small else None
+    if data is None and (local := svc.store.local_path(unit.blob_key)) is not None:
+        if small:
+            # Read whole in the one executor hop an open costs, and kept for the next hits.
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(None, _read_blob, str(local), unit.size)
+            if data is not None:
+                svc.hot.put(unit.blob_key, data)
             missing = data is None
         else:
             fobj = await opened(partial(_open_blob, str(local), unit.size), _close)

@@ -80,8 +80,10 @@ def not_modified(headers: Mapping[str, str], etag: str | None, last_modified: st
     if inm is not None:
         return none_match(inm, etag)
     ims = _http_date(headers.get("If-Modified-Since"))
+    if ims is None:
+        return False  # the stored date is parsed only when there is one to compare it with
     lm = _http_date(last_modified)
-    return ims is not None and lm is not None and lm <= ims
+    return lm is not None and lm <= ims
 
 
 def _if_range_ok(value: str, etag: str | None, last_modified: str | None) -> bool:
