@@ -33,6 +33,7 @@ from condaproxy.http.budget import ColdFetches
 from condaproxy.http.fdreserve import FdReserve, listeners, raise_nofile_limit
 from condaproxy.http.guards import read_only
 from condaproxy.http.handlers import handle
+from condaproxy.http.hot import HotBlobs
 from condaproxy.http.probes import healthz, metrics_view
 from condaproxy.http.services import SERVICES, Services
 from condaproxy.metrics import Metrics
@@ -89,10 +90,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
     cold = ColdFetches(config.lazy.max_cold_per_client)
-    app[SERVICES] = services = Services(
-        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold, book, clock
+    hot = HotBlobs(config.lazy.hot_cache)
+    app[SERVICES] = Services(
+        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold, book, clock, hot
     )
-    catalog.on_blob_deleted = services.hot.discard
+    catalog.on_blob_deleted = hot.discard  # a deleted blob is not kept in memory either
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     pruner = loop.create_task(
         prune_forever(catalog, store, lambda: book.config.cache.history, clock), name="prune-history"
@@ -165,6 +167,7 @@ class Parts:
 
 
 DEFAULT_PARTS = Parts()
+
 
 async def _calibrate(reserve: FdReserve) -> None:
     reserve.calibrate()

@@ -93,6 +93,7 @@ def _lazy(s: Section) -> LazyConfig:
         shutdown_grace=s.seconds("shutdown_grace", d.shutdown_grace),
         send_timeout=s.seconds("send_timeout", d.send_timeout),
         max_cold_per_client=s.integer("max_cold_per_client", d.max_cold_per_client),
+        hot_cache=s.size("hot_cache", d.hot_cache),
     )
 
 

@@ -38,6 +38,8 @@ class LazyConfig:
     send_timeout: float = 60.0
     # Cold fetches (upstream downloads or HEADs) one client address may have running; 0: no bound.
     max_cold_per_client: int = 64
+    # Bytes of small blobs (shards, small packages) kept in memory for hits; 0: none.
+    hot_cache: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ PER_RESPONSE = {"Date", "Server", "Connection", "Keep-Alive"}
 
 
 def test_hot_blobs_are_bounded_by_bytes_and_checked_by_size() -> None:
+    assert not HotBlobs(budget=0).fits(1)  # hot_cache = 0: nothing from memory
     hot = HotBlobs(budget=100, max_blob=40)
     assert not hot.fits(0) and hot.fits(40) and not hot.fits(41)
     hot.put("big", b"x" * 41)
