@@ -8,6 +8,7 @@ can reach a file outside the store or a host that is not a configured upstream.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -132,8 +133,20 @@ def _segments(raw_path: str) -> list[str] | Rejection:
     return decoded
 
 
+# Parsing is pure and its answers frozen: the paths of hot units are parsed once, not per hit.
+# Only short paths are kept, so the memory it takes stays bounded whatever clients send.
+_MEMO_ENTRIES = 4096
+_MEMO_PATH = 512
+
+
 def parse_path(raw_path: str) -> Request | Rejection:
     """Turn a raw request path into the unit it names, or say why not."""
+    if len(raw_path) > _MEMO_PATH:
+        return _parse(raw_path)
+    return _parse_memo(raw_path)
+
+
+def _parse(raw_path: str) -> Request | Rejection:
     segs = _segments(raw_path)
     if isinstance(segs, Rejection):
         return segs
@@ -191,3 +204,6 @@ def package_parts(filename: str) -> tuple[str, str, str]:
     while len(parts) < 3:
         parts.append("")
     return parts[0], parts[1], parts[2]
+
+
+_parse_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_parse)

@@ -145,11 +145,11 @@ class Config:
         configured = self.channels.get(name)
         if configured is not None:
             return configured
-        # An invalid name must never be turned into an upstream URL, whoever asks.
-        if not self.upstream.allow_unlisted or not is_channel_name(name):
-            return None
-        made = self._unlisted.get(name)
+        made = self._unlisted.get(name)  # holds valid names only
         if made is None:
+            # An invalid name must never be turned into an upstream URL, whoever asks.
+            if not self.upstream.allow_unlisted or not is_channel_name(name):
+                return None
             made = self._unlisted[name] = self._unlisted_channel(name)
         return made
 
