@@ -11,12 +11,21 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 class Metrics:
     """The counters condaproxy keeps; exposed at /metrics."""
 
+    def response(self, xcache: str, status: int) -> None:
+        """Count one response by its X-Cache outcome and status."""
+        child = self._responses.get((xcache, status))
+        if child is None:
+            child = self._responses[xcache, status] = self.responses.labels(xcache, str(status))
+        child.inc()
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.responses = Counter(
             "condaproxy_responses", "Responses by X-Cache outcome and status", ["cache", "status"], registry=r
         )
+        # Counted on every response: each label pair's child looked up once (labels() locks).
+        self._responses: dict[tuple[str, int], Counter] = {}
         self.upstream_fetches = Counter(
             "condaproxy_upstream_fetches", "Upstream fetches started, by unit kind", ["kind"], registry=r
         )

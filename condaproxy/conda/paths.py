@@ -28,7 +28,10 @@ class Kind(enum.StrEnum):
     @property
     def immutable(self) -> bool:
         """Packages and shards never change once published; everything else may."""
-        return self in (Kind.PACKAGE, Kind.SHARD)
+        return self in _IMMUTABLE  # asked several times per request: a set, not Kind.X look-ups
+
+
+_IMMUTABLE = frozenset({Kind.PACKAGE, Kind.SHARD})
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ async def head(
         svc.cold.give_back(client)
     headers = unit_headers(svc.config, key, found.headers, "MISS")
     plan = plan_for(request, found.length, found.headers)
-    svc.metrics.responses.labels("MISS", str(plan.status)).inc()
+    svc.metrics.response("MISS", plan.status)
     if not plan.has_body:
         return await without_body(request, plan, headers)
     resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})

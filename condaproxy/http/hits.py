@@ -129,7 +129,7 @@ async def _serve_blob(
         svc.catalog.touch(unit.key, time.time())
         # Client-facing validators: for derived or rewritten units they differ from upstream's.
         plan = plan_for(request, unit.size, unit.headers)
-        svc.metrics.responses.labels(xcache, str(plan.status)).inc()
+        svc.metrics.response(xcache, plan.status)
         if not plan.has_body:
             return await without_body(request, plan, headers)
         count = unit.size - plan.offset if plan.count is None else plan.count

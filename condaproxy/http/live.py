@@ -35,7 +35,7 @@ async def stream(request: web.Request, svc: Services, dl: Download, xcache: str)
     if dl.key.filename in variants.BASES:
         headers["Vary"] = "Accept-Encoding"
     plan = plan_for(request, head.length, head.headers)
-    svc.metrics.responses.labels(xcache, str(plan.status)).inc()
+    svc.metrics.response(xcache, plan.status)
     if not plan.has_body:
         return await without_body(request, plan, headers)
     end = head.length if plan.count is None else plan.offset + plan.count
