@@ -188,8 +188,10 @@ async def foreign_shards(upstream: FakeUpstream, channel: Channel, tmp_path: Pat
 
 
 async def test_absolute_shards_base_url_is_rewritten_and_mapped(
-    proxy: Proxy, upstream: FakeUpstream, foreign_shards: FakeUpstream, channel: Channel, tmp_path: Path
+    proxy_factory, upstream: FakeUpstream, foreign_shards: FakeUpstream, channel: Channel, tmp_path: Path
 ) -> None:
+    # The second host is plain http on 127.0.0.1: the channel's section says it is trusted.
+    proxy = await proxy_factory(trusted={"cdnchan": (foreign_shards.url,)})
     index = await proxy.get("/cdnchan/noarch/repodata_shards.msgpack.zst")
     served = msgpack.unpackb(unzstd(index.body), raw=False)
     assert served["info"]["shards_base_url"] == "./shards/"
@@ -273,12 +275,14 @@ async def test_index_naming_its_own_shards_by_absolute_url_is_still_rewritten(
 
 
 async def test_index_naming_a_foreign_package_base_is_rewritten_and_mapped(
-    proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+    proxy_factory, upstream: FakeUpstream, channel: Channel, tmp_path: Path
 ) -> None:
     """A shard-only client learns package locations from the index's info.base_url (CEP-15)."""
     pkghost = FakeUpstream()
     await pkghost.start()
     try:
+        # The package host is plain http on 127.0.0.1: the channel's section says it is trusted.
+        proxy = await proxy_factory(trusted={"pkgbase": (pkghost.url,)})
         root = tmp_path / "pkgbase"
         for subdir in ("noarch", "linux-64"):
             pkghost.mount(f"pkgs/{subdir}", channel.path / subdir)

@@ -37,6 +37,7 @@ from condaproxy.errors import (
 from condaproxy.metrics import Metrics
 from condaproxy.upstream.client import Upstream, Validators
 from condaproxy.upstream.headers import passthrough_headers
+from condaproxy.upstream.mirrors import elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ class Fetcher:
         try:
             if (missing := self.not_found.get(key)) is not None:
                 raise missing  # known missing upstream: go straight to deriving it
-            resp, url = await self._open(channel, key, url, validators)  # url: redacted, as served
+            # url: redacted, as served; foreign: from an origin the channel's metadata named
+            resp, url, foreign = await self._open(channel, key, url, validators)
         except UpstreamNotFound as exc:
             if derive:
                 await self._derive(dl, channel, cached, exc)
@@ -144,11 +146,11 @@ class Fetcher:
                     return
                 # The cached copy went away meanwhile (evicted, replaced): fetch it whole.
                 resp.release()
-                resp, url = await self._open(channel, key, url, None)
+                resp, url, _ = await self._open(channel, key, url, None)  # the same place as before
             if resp.status == 304:
                 self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
                 return
-            unit = await self._receiver.receive(dl, resp, channel, url, self.expected)
+            unit = await self._receiver.receive(dl, resp, channel, url, self.expected, whole=foreign)
             if unit is not None:
                 await self._keep(unit, dl, cached)
         except CondaproxyError as exc:
@@ -171,10 +173,13 @@ class Fetcher:
 
     async def _open(
         self, channel: ChannelConfig, key: UnitKey, url: str, validators: Validators | None
-    ) -> tuple[aiohttp.ClientResponse, str]:
-        """upstream.open(url); a package missing there is looked for where its metadata says."""
+    ) -> tuple[aiohttp.ClientResponse, str, bool]:
+        """upstream.open(url); a package missing there is looked for where its metadata says.
+
+        Also says whether the bytes come from another origin the channel's metadata named.
+        """
         try:
-            return await self.upstream.open(channel, url, validators)
+            return (*await self.upstream.open(channel, url, validators), elsewhere(channel, url))
         except UpstreamNotFound:
             if key.kind is not Kind.PACKAGE or self.expected is None:
                 raise
@@ -184,7 +189,7 @@ class Fetcher:
             moved = await self._url(channel, key)
             if moved == url:
                 raise
-            return await self.upstream.open(channel, moved, validators)
+            return (*await self.upstream.open(channel, moved, validators), elsewhere(channel, moved))
 
     async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
         """Where a unit lives: its path on the channel's mirrors, or a URL its metadata named."""

@@ -122,6 +122,20 @@ class Section:
                 raise
             raise self.error(key, f"{exc.message} (is the next line indented?)") from None
 
+    def origins(self, key: str) -> tuple[str, ...]:
+        """Origins as scheme://host[:port] (lowercase), separated by whitespace and/or commas."""
+        raw = self.values.get(key)  # like urls: the list may go on over indented lines
+        found: dict[str, None] = {}
+        for item in (item for item in _URL_SEPARATORS.split(raw or "") if item):
+            parts = urlsplit(self._checked_url(key, item))
+            if parts.path:
+                message = f"expected origins (scheme://host or scheme://host:port), not a path: {item!r}"
+                raise self.error(key, message)
+            host = parts.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            found[f"{parts.scheme.lower()}://{host}" + (f":{parts.port}" if parts.port else "")] = None
+        return tuple(found)
+
     def _checked_url(self, key: str, raw: str) -> str:
         # Never echoed if it may hold a user and password: credentials have keys of their own.
         shown = "" if "@" in raw else f", got {raw!r}"

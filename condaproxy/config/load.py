@@ -147,4 +147,5 @@ def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> Cha
         header=s.header("header"),
         alternate_source=s.existing_directory("alternate_source", base),
         private=s.boolean("private", False),
+        trusted_origins=s.origins("trusted_origins"),
     )

@@ -68,6 +68,9 @@ class ChannelConfig:
     alternate_source: Path | None = None  # a local tree laid out like the channel (<subdir>/<file>)
     # Private: served only to clients whose own /t/<token>/ the upstream accepts for the channel.
     private: bool = False
+    # Origins ("scheme://host:port") the channel's metadata may name although they are not
+    # public https hosts: an internal server holding its shards or packages, say.
+    trusted_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.urls:

@@ -76,10 +76,10 @@ class Upstream:
     """Opens upstream responses; the caller reads the body and must release the response.
 
     One session (connection pool) per TLS identity, so a connection made with one channel's
-    client certificate is never reused for another. Other origins never see the certificate,
-    and redirect targets there are reached through pools that resolve names to public
-    addresses only. (Hosts the channel's metadata names, such as a CEP-16 shards_base_url,
-    are allowed as DESIGN rule 8 says: the shards they serve are checked against their names.)
+    client certificate is never reused for another. Other origins never see the certificate.
+    A host the channel's metadata names (a CEP-15 base_url, a CEP-16 shards_base_url) that is
+    not one of its own origins obeys the redirect rules, unless the channel's section trusts
+    it (trusted_origins): https only, through pools that resolve names to public addresses only.
     """
 
     def __init__(self, *, mirror_ttl: float = REMEMBER_SECONDS) -> None:
@@ -163,7 +163,7 @@ class Upstream:
         except ValueError:
             raise UpstreamUnavailable("upstream metadata names a malformed URL") from None
         if isinstance(located, URL):
-            return await self._get(channel, located, conditional, named=True)
+            return await self._get(channel, located, conditional)
         failures: list[tuple[str, UpstreamError]] = []
         order = self.mirrors.order(channel)
         for index, base in enumerate(order):
@@ -180,13 +180,18 @@ class Upstream:
         raise _all_failed(failures)
 
     async def _get(
-        self, channel: ChannelConfig, url: URL, conditional: dict[str, str], *, named: bool = False
+        self,
+        channel: ChannelConfig,
+        url: URL,
+        conditional: dict[str, str],
     ) -> tuple[aiohttp.ClientResponse, str]:
-        """GET url (named: by the channel's metadata), following allowed redirects.
+        """GET url, following allowed redirects.
 
-        Credentials and the client certificate go only to the channel's own origins.
+        Credentials and the client certificate go only to the channel's own origins; other
+        origins, the channel's metadata naming them or a redirect, only where redirects.py allows.
         """
         bases = [URL(u) for u in channel.urls]
+        trusted = [URL(u) for u in channel.trusted_origins]
         credentials = dict([channel.header]) if channel.header else {}
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=channel.connect_timeout, sock_read=channel.read_timeout
@@ -195,11 +200,12 @@ class Upstream:
         hint = ""  # for a connection closed during the handshake: TLS 1.3 reports no reason
         try:
             async with asyncio.timeout(channel.connect_timeout):
-                for _ in range(MAX_REDIRECTS + 1):
+                for hop in range(MAX_REDIRECTS + 1):
                     own = any(same_origin(base, target) for base in bases)
-                    allowed = own or (named and same_origin(url, target))
+                    allowed = own or any(same_origin(origin, target) for origin in trusted)
                     if not allowed and (why := refusal(target)) is not None:
-                        raise UpstreamUnavailable(f"upstream redirect to {why} refused")
+                        said = "upstream redirect to" if hop else "upstream metadata names"
+                        raise UpstreamUnavailable(f"{said} {why}: refused (see trusted_origins)")
                     bare = own and target.scheme == "https" and channel.client_cert is None
                     hint = " (it may require a client certificate: see client_cert)" if bare else ""
                     session = await self._session(channel, own=own, public_only=not allowed)
