@@ -4,6 +4,10 @@ Cached bytes of a private channel go only to a request whose own token the upstr
 accepted for that channel; a request without one, or with another, never gets them (pulpcore
 #3212: credentials reused across users). Tokens are held only as keyed hashes, with a key
 made fresh per process, so nothing stored or logged can be turned back into a token.
+
+The check asks the upstream about the client's token alone (never with the channel's own
+credentials, which the configuration refuses beside "private" anyway), as a HEAD whose
+redirects are not followed: only the file itself, answered, counts as a yes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import replace
 from cachetools import TTLCache
 
 from condaproxy.config.model import ChannelConfig
-from condaproxy.errors import UpstreamError, UpstreamNotFound, UpstreamRefused
+from condaproxy.errors import UpstreamError
 from condaproxy.upstream.client import Upstream
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,18 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def accepted(status: int, content_type: str) -> bool | None:
+    """What the upstream's answer to a token check says: yes, no, or None (nothing learned)."""
+    if status in (200, 206):
+        # A login or error page answered in the file's place is no yes: repodata is never HTML.
+        return not content_type.lower().startswith("text/html")
+    if status == 429 or status >= 500:
+        return None  # the upstream is busy or down: ask again later
+    # A redirect (to a login page, say), 401, 403, 404 (anaconda.org's answers to a token it
+    # refuses), and any other answer that is not the file.
+    return False
 
 
 class ClientAuth:
@@ -76,17 +92,19 @@ class ClientAuth:
         return await asyncio.shield(task)
 
     async def _ask(self, channel: ChannelConfig, token: str, ident: tuple[str, bytes]) -> bool:
+        # The client's token and nothing else: with the channel's own header or certificate
+        # the upstream would be judging the proxy, and would let any token in.
+        alone = replace(channel, token=token, header=None, client_cert=None, client_key=None)
         try:
-            resp, _ = await self._upstream.open(replace(channel, token=token), PROBE_PATH)
-            resp.release()
-            accepted = True
-        except (UpstreamNotFound, UpstreamRefused):
-            accepted = False  # anaconda.org answers 401, 403 or 404 for a token it refuses
+            status, content_type = await self._upstream.probe(alone, PROBE_PATH)
         except UpstreamError as exc:
             # Upstream down: nothing learned, nothing remembered, nothing served.
             raise Refused(502, f"cannot check the token upstream: {exc.reason}") from None
-        self._verdicts[ident] = accepted
-        return accepted
+        verdict = accepted(status, content_type)
+        if verdict is None:
+            raise Refused(502, f"cannot check the token upstream: it answered {status}")
+        self._verdicts[ident] = verdict
+        return verdict
 
     async def close(self) -> None:
         """Cancel checks still running (shutdown)."""

@@ -179,13 +179,40 @@ class Upstream:
             return resp, served
         raise _all_failed(failures)
 
+    async def probe(self, channel: ChannelConfig, path: str) -> tuple[int, str]:
+        """(status, Content-Type) of HEAD path on the channel, a redirect answered, not followed.
+
+        An upstream refusing HEAD (405, 501) is asked for one byte instead. Mirrors are tried
+        in turn as by open(); UpstreamError when none of them answers (or all answer 5xx).
+        """
+        failures: list[tuple[str, UpstreamError]] = []
+        for base in self.mirrors.order(channel):
+            url = URL(unit_url(base, path, channel.token))
+            try:
+                resp, _ = await self._get(channel, url, {}, method="HEAD", follow=False)
+                if resp.status in (405, 501):
+                    resp.release()
+                    resp, _ = await self._get(channel, url, {"Range": "bytes=0-0"}, follow=False)
+                resp.release()  # a GET answered 200 is not read: the connection is dropped instead
+            except (UpstreamUnavailable, UpstreamTimeout) as exc:
+                failures.append((redacted_url(base), exc))
+                continue
+            if resp.status >= 500:
+                failures.append((redacted_url(base), UpstreamUnavailable(f"upstream answered {resp.status}")))
+                continue
+            return resp.status, resp.headers.get("Content-Type", "")
+        raise _all_failed(failures)
+
     async def _get(
         self,
         channel: ChannelConfig,
         url: URL,
         conditional: dict[str, str],
+        *,
+        method: str = "GET",
+        follow: bool = True,
     ) -> tuple[aiohttp.ClientResponse, str]:
-        """GET url, following allowed redirects.
+        """GET url, following allowed redirects (follow=False: any status, as answered).
 
         Credentials and the client certificate go only to the channel's own origins; other
         origins, the channel's metadata naming them or a redirect, only where redirects.py allows.
@@ -210,8 +237,10 @@ class Upstream:
                     hint = " (it may require a client certificate: see client_cert)" if bare else ""
                     session = await self._session(channel, own=own, public_only=not allowed)
                     headers = {**conditional, **credentials} if own else conditional
-                    resp = await session.get(target, headers=headers, timeout=timeout, allow_redirects=False)
-                    if resp.status not in REDIRECT_STATUSES:
+                    resp = await session.request(
+                        method, target, headers=headers, timeout=timeout, allow_redirects=False
+                    )
+                    if not follow or resp.status not in REDIRECT_STATUSES:
                         break
                     location = resp.headers.get("Location")
                     resp.release()
@@ -234,7 +263,7 @@ class Upstream:
             raise UpstreamUnavailable(f"upstream closed the connection without answering{hint}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream error: {type(exc).__name__}") from exc
-        return check_status(resp), redacted_url(target)
+        return (check_status(resp) if follow else resp), redacted_url(target)
 
 
 def _redirect_target(status: int, current: URL, location: str | None) -> URL:
