@@ -30,6 +30,7 @@ from condaproxy.http.services import SERVICES, Services
 from condaproxy.metrics import Metrics
 from condaproxy.store.filesystem import FilesystemStore
 from condaproxy.upstream.admission import ClientAuth
+from condaproxy.upstream.ratelimit import ProbeLimiter
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         lambda key, channel: fetcher.ensure(key, channel, derive=False), catalog, persist, resolver.blob_file
     )
     metrics.inflight.set_function(lambda: len(inflight))
-    auth = ClientAuth(upstream, config.upstream.auth_ttl)
+    auth = ClientAuth(upstream, config.upstream.auth_ttl, ProbeLimiter(*config.upstream.auth_probe_rate))
     app[SERVICES] = Services(config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth)
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     app[EVICTOR] = evictor = Evictor(config.cache, catalog, store, inflight)

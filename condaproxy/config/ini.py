@@ -78,6 +78,17 @@ class Section:
             raise self.error(key, f"expected {wanted}, got {raw!r}")
         return value
 
+    def rates(self, key: str, default: tuple[int, int]) -> tuple[int, int]:
+        """Two counts per minute, such as "20 300" or "20, 300": per client, then overall."""
+        raw = self.get(key)
+        if raw is None:
+            return default
+        items = [item for item in _URL_SEPARATORS.split(raw) if item]
+        if len(items) != 2 or not all(i.isascii() and i.isdigit() and int(i) >= 1 for i in items):
+            message = "expected two integers >= 1 (per minute: per client address, then overall)"
+            raise self.error(key, f"{message}, e.g. '20 300', got {raw!r}")
+        return int(items[0]), int(items[1])
+
     def seconds(self, key: str, default: float) -> float:
         raw = self.get(key)
         if raw is None:

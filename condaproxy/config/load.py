@@ -110,6 +110,7 @@ def _upstream(s: Section) -> UpstreamConfig:
         connect_timeout=s.seconds("connect_timeout", d.connect_timeout),
         read_timeout=s.seconds("read_timeout", d.read_timeout),
         auth_ttl=s.seconds("auth_ttl", d.auth_ttl),
+        auth_probe_rate=s.rates("auth_probe_rate", d.auth_probe_rate),
     )
 
 

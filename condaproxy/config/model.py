@@ -93,6 +93,8 @@ class UpstreamConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     auth_ttl: float = 300.0  # seconds an upstream's "yes" to a client token is remembered
+    # Token checks per minute (bursts of as many): per client address, and for all clients.
+    auth_probe_rate: tuple[int, int] = (20, 300)
 
 
 @dataclass(frozen=True)

@@ -184,8 +184,10 @@ def test_bad_mirror_lists(tmp_path: Path, text: str, key: str, words: str) -> No
     assert "hunter2" not in str(error)  # a password in a URL is never echoed
 
 
-def test_trusted_origins(tmp_path: Path) -> None:
+def test_trusted_origins_and_probe_rate(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, """\
+        [upstream]
+        auth_probe_rate = 5, 50
         [channel:team]
         url = http://conda.internal/team
         trusted_origins = http://10.1.2.3:8080 HTTPS://CDN.Internal/,
@@ -193,6 +195,7 @@ def test_trusted_origins(tmp_path: Path) -> None:
         [channel:other]
         url = https://conda.example/other
         """))
+    assert config.upstream.auth_probe_rate == (5, 50)
     team = config.channels["team"]
     assert team.trusted_origins == ("http://10.1.2.3:8080", "https://cdn.internal", "http://[fd00::1]:81")
     assert config.channels["other"].trusted_origins == ()
@@ -272,6 +275,9 @@ BAD = [
     ("[channel:x]\nread_timeout = 5\n", "channel:x", "url", "missing"),
     ("[channel:x]\nurl = https://x.example\nmirror = y\n", "channel:x", "mirror", "allowed keys: url"),
     ("[channel:x]\nurl = file:///srv/x\n", "channel:x", "url", "http(s)"),
+    ("[upstream]\nauth_probe_rate = 20\n", "upstream", "auth_probe_rate", "two integers >= 1"),
+    ("[upstream]\nauth_probe_rate = 20 0\n", "upstream", "auth_probe_rate", "'20 0'"),
+    ("[upstream]\nauth_probe_rate = 1.5 300\n", "upstream", "auth_probe_rate", "per client address"),
     (f"{TRUSTING}https://cdn.example/pkgs\n", "channel:x", "trusted_origins", "not a path"),
     (f"{TRUSTING}10.1.2.3:8080\n", "channel:x", "trusted_origins", "http(s)"),
     (f"{TRUSTING}https://u:pw@cdn.example\n", "channel:x", "trusted_origins", "without user or password"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -10,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from channel import Channel
@@ -18,7 +21,7 @@ from test_rattler_client import solve_and_install
 from upstream import FakeUpstream
 
 from condaproxy.config.load import load_config
-from condaproxy.config.model import Config
+from condaproxy.config.model import Config, UpstreamConfig
 from condaproxy.errors import ConfigError
 
 TOKEN = "pv-0123456789abcdef-SECRET"
@@ -218,3 +221,64 @@ async def test_the_token_check_is_a_head_or_one_byte(
     head, ranged = upstream.requests_for(path)[:2]
     assert head.method == "HEAD"
     assert ranged.method == "GET" and ranged.headers.get("Range") == "bytes=0-0"
+
+
+def rated(config: Config, per_client: int, overall: int) -> Config:
+    return replace(config, upstream=replace(config.upstream, auth_probe_rate=(per_client, overall)))
+
+
+async def get_from(address: str, url: str) -> tuple[int, str | None]:
+    """GET url from a client socket bound to address (127.0.0.0/8 is all loopback on Linux)."""
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    async with aiohttp.ClientSession(connector=connector) as session, session.get(url) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("Retry-After")
+
+
+async def test_token_guessing_is_rate_limited_per_client(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    upstream.mount(f"t/{TOKEN}/private", channel.path)
+    proxy = await Proxy(rated(private_config(tmp_path, upstream.url), 5, 1000)).start()
+    try:
+        pkg = channel.by_name("cp-app")
+        assert (await proxy.get(f"/t/{TOKEN}/private/{pkg.url_path}")).status == 200
+        guesses = [f"/t/guess-{secrets.token_hex(8)}/private/noarch/repodata.json" for _ in range(200)]
+        answers = await asyncio.gather(*(proxy.get(path) for path in guesses))
+        statuses = sorted(a.status for a in answers)
+        # Was 200 upstream requests in a blink. Now: what is left of the burst of 5, then 429.
+        assert statuses == [403] * 4 + [429] * 196, statuses
+        assert sum(1 for r in upstream.requests if "/guess-" in r.path) == 4
+        limited = next(a for a in answers if a.status == 429)
+        assert int(limited.headers["Retry-After"]) >= 1 and len(limited.body) < 200
+        # A token already checked costs nothing, and is served; another client has its own budget.
+        assert (await proxy.get(f"/t/{TOKEN}/private/{pkg.url_path}")).status == 200
+        assert await get_from("127.0.0.2", f"{proxy.url}/t/guess-other/private/noarch/repodata.json") == (
+            403,
+            None,
+        )
+    finally:
+        await proxy.close()
+
+
+async def test_token_checks_are_rate_limited_overall(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    upstream.mount(f"t/{TOKEN}/private", channel.path)
+    proxy = await Proxy(rated(private_config(tmp_path, upstream.url), 100, 3)).start()
+    try:
+        answers = await asyncio.gather(
+            *(
+                get_from(f"127.0.0.{2 + i % 10}", f"{proxy.url}/t/guess-{i}/private/noarch/repodata.json")
+                for i in range(30)
+            )
+        )
+        assert sorted(status for status, _ in answers) == [403] * 3 + [429] * 27
+        assert all(retry is not None and int(retry) >= 1 for status, retry in answers if status == 429)
+        assert sum(1 for r in upstream.requests if "/guess-" in r.path) == 3
+    finally:
+        await proxy.close()
+
+
+def test_the_default_probe_rate_is_configured() -> None:
+    assert UpstreamConfig().auth_probe_rate == (20, 300)
