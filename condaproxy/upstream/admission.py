@@ -44,7 +44,7 @@ class Refused(Exception):
         self.retry_after = retry_after  # seconds, for a 429
 
 
-def accepted(status: int, content_type: str) -> bool | None:
+def judged(status: int, content_type: str) -> bool | None:
     """What the upstream's answer to a token check says: yes, no, or None (nothing learned)."""
     if status in (200, 206):
         # A login or error page answered in the file's place is no yes: repodata is never HTML.
@@ -110,7 +110,7 @@ class ClientAuth:
         except UpstreamError as exc:
             # Upstream down: nothing learned, nothing remembered, nothing served.
             raise Refused(502, f"cannot check the token upstream: {exc.reason}") from None
-        verdict = accepted(status, content_type)
+        verdict = judged(status, content_type)
         if verdict is None:
             raise Refused(502, f"cannot check the token upstream: it answered {status}")
         self._verdicts[ident] = verdict
