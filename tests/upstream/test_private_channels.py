@@ -23,6 +23,7 @@ from upstream import FakeUpstream
 from condaproxy.config.load import load_config
 from condaproxy.config.model import Config, UpstreamConfig
 from condaproxy.errors import ConfigError
+from condaproxy.upstream.admission import judged
 
 TOKEN = "pv-0123456789abcdef-SECRET"
 
@@ -282,3 +283,22 @@ async def test_token_checks_are_rate_limited_overall(
 
 def test_the_default_probe_rate_is_configured() -> None:
     assert UpstreamConfig().auth_probe_rate == (20, 300)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "verdict"),
+    [
+        (200, "application/json", True),
+        (206, "application/octet-stream", True),
+        (200, "", True),
+        (200, "text/html; charset=utf-8", False),  # a login page in the file's place
+        (302, "", False),
+        (401, "", False),
+        (403, "", False),
+        (404, "", False),
+        (429, "", None),  # busy: nothing learned
+        (503, "", None),
+    ],
+)
+def test_what_an_answer_to_a_token_check_says(status: int, content_type: str, verdict: bool | None) -> None:
+    assert judged(status, content_type) is verdict
