@@ -38,6 +38,7 @@ from condaproxy.http.services import SERVICES, Services
 from condaproxy.metrics import Metrics
 from condaproxy.store.filesystem import FilesystemStore
 from condaproxy.upstream.admission import ClientAuth
+from condaproxy.upstream.ratelimit import ProbeLimiter
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         lambda: book.config.cache.repodata_ttl,
         lambda key: key in fetcher.not_found,
     )
-    auth = ClientAuth(upstream, config.upstream.auth_ttl)
+    auth = ClientAuth(upstream, config.upstream.auth_ttl, ProbeLimiter(*config.upstream.auth_probe_rate))
     cold = ColdFetches(config.lazy.max_cold_per_client)
     app[SERVICES] = Services(
         config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold, book, clock

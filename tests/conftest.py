@@ -44,9 +44,10 @@ async def proxy_factory(
 ) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     """Start in-process proxies in front of ``upstream``: ``await proxy_factory(**cache_keys)``.
 
-    Keyword arguments override ``[cache]`` keys; ``handler_cancellation`` picks aiohttp's mode
-    (``run_app`` defaults to False, the test server to True: the proxy must be right in both);
-    ``parts`` the catalog and store classes (gates.GATED to hold the proxy's own steps).
+    Keyword arguments override ``[cache]`` keys, or give ``trusted`` origins (see make_config);
+    ``handler_cancellation`` picks aiohttp's mode (``run_app`` defaults to False, the test
+    server to True: the proxy must be right in both); ``parts`` the catalog and store classes
+    (gates.GATED to hold the proxy's own steps).
     """
     started: list[Proxy] = []
 

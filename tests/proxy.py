@@ -23,16 +23,28 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from condaproxy.app import DEFAULT_PARTS, Parts, create_app, server_options
-from condaproxy.config.model import CacheConfig, Config, LazyConfig, UpstreamConfig
+from condaproxy.config.model import CacheConfig, ChannelConfig, Config, LazyConfig, UpstreamConfig
 from condaproxy.http.services import SERVICES, Services
 
 
-def make_config(cache_dir: Path, upstream_url: str, **cache: Any) -> Config:
-    """A config whose unlisted channels map to the fake upstream, with a private cache dir."""
+def make_config(
+    cache_dir: Path, upstream_url: str, *, trusted: Mapping[str, Sequence[str]] | None = None, **cache: Any
+) -> Config:
+    """A config whose unlisted channels map to the fake upstream, with a private cache dir.
+
+    trusted: channel name -> the origins its metadata may name although they are not public
+    https hosts (trusted_origins); each such channel gets a section of its own.
+    """
+    upstream = UpstreamConfig(default=upstream_url, connect_timeout=5.0, read_timeout=5.0)
+    channels = {
+        name: ChannelConfig(name, f"{upstream_url}/{name}", 5.0, 5.0, trusted_origins=tuple(origins))
+        for name, origins in (trusted or {}).items()
+    }
     return Config(
         LazyConfig(streamer_interface=("127.0.0.1",)),
         replace(CacheConfig(directory=cache_dir), **cache),
-        UpstreamConfig(default=upstream_url, connect_timeout=5.0, read_timeout=5.0),
+        upstream,
+        channels,
     )
 
 

@@ -38,6 +38,7 @@ from condaproxy.errors import (
 from condaproxy.metrics import Metrics
 from condaproxy.upstream.client import Upstream, Validators
 from condaproxy.upstream.headers import passthrough_headers
+from condaproxy.upstream.mirrors import elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Fetcher:
             if known is not None and known[1] is not None:
                 return Head({}, known[1])
         try:
-            resp, _ = await self._open(channel, key, await self._url(channel, key), None, method="HEAD")
+            resp, _, _ = await self._open(channel, key, await self._url(channel, key), None, method="HEAD")
         except UpstreamNotFound as exc:
             self.not_found[key] = exc
             raise
@@ -168,7 +169,8 @@ class Fetcher:
         try:
             if (missing := self.not_found.get(key)) is not None:
                 raise missing  # known missing upstream: go straight to deriving it
-            resp, url = await self._open(channel, key, url, validators)  # url: redacted, as served
+            # url: redacted, as served; foreign: from an origin the channel's metadata named
+            resp, url, foreign = await self._open(channel, key, url, validators)
         except UpstreamNotFound as exc:
             if derive:
                 await self._derive(dl, channel, cached, exc)
@@ -186,11 +188,11 @@ class Fetcher:
                     return
                 # The cached copy went away meanwhile (evicted, replaced): fetch it whole.
                 resp.release()
-                resp, url = await self._open(channel, key, url, None)
+                resp, url, _ = await self._open(channel, key, url, None)  # the same place as before
             if resp.status == 304:
                 self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
                 return
-            unit = await self._receiver.receive(dl, resp, channel, url, self.expected)
+            unit = await self._receiver.receive(dl, resp, channel, url, self.expected, whole=foreign)
             if unit is not None:
                 await self._keep(unit, dl, cached)
         except CondaproxyError as exc:
@@ -220,11 +222,17 @@ class Fetcher:
         validators: Validators | None,
         *,
         method: str = "GET",
-    ) -> tuple[aiohttp.ClientResponse, str]:
-        """upstream.open(url); a package missing there is looked for where its metadata says."""
+    ) -> tuple[aiohttp.ClientResponse, str, bool]:
+        """upstream.open(url); a package missing there is looked for where its metadata says.
+
+        Also says whether the bytes come from another origin the channel's metadata named.
+        """
         metadata = key.kind in METADATA_KINDS
         try:
-            return await self.upstream.open(channel, url, validators, method=method, metadata=metadata)
+            resp, served = await self.upstream.open(
+                channel, url, validators, method=method, metadata=metadata
+            )
+            return resp, served, elsewhere(channel, url)
         except UpstreamNotFound:
             if key.kind is Kind.SHARD:
                 # A client may hold an index the proxy no longer caches, and so no longer knows the
@@ -240,7 +248,10 @@ class Fetcher:
             moved = await self._url(channel, key)
             if moved == url:
                 raise
-            return await self.upstream.open(channel, moved, validators, method=method, metadata=metadata)
+            resp, served = await self.upstream.open(
+                channel, moved, validators, method=method, metadata=metadata
+            )
+            return resp, served, elsewhere(channel, moved)
 
     async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
         """Where a unit lives: its path on the channel's mirrors, or a URL its metadata named."""

@@ -81,6 +81,9 @@ class ChannelConfig:
     min_age_exempt: tuple[str, ...] = ()  # package names or globs the cooldown spares
     min_age_unknown: str = "allow"  # records of unknown age: "allow" (as clients do) or "hold"
     indexed_timestamp: bool = False  # serve each record's effective time as CEP-47 indexed_timestamp
+    # Origins ("scheme://host:port") the channel's metadata may name although they are not
+    # public https hosts: an internal server holding its shards or packages, say.
+    trusted_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -108,6 +111,8 @@ class UpstreamConfig:
     min_age_exempt: tuple[str, ...] = ()
     min_age_unknown: str = "allow"
     indexed_timestamp: bool = False
+    # Token checks per minute (bursts of as many): per client address, and for all clients.
+    auth_probe_rate: tuple[int, int] = (20, 300)
 
 
 @dataclass(frozen=True)
