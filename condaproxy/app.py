@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuHook, CpuPool, default_workers
 from condaproxy.cache.derive import Deriver
 from condaproxy.cache.download import Fetcher
 from condaproxy.cache.evict import Evictor
@@ -19,6 +20,7 @@ from condaproxy.cache.expected import DigestResolver
 from condaproxy.cache.housekeeping import flush_touches_forever, reset_temp_dir, sweep
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.refusals import Refusals
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
@@ -55,24 +57,41 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     from condaproxy.upstream.client import Upstream
 
     upstream = Upstream()
+    # CPU-heavy jobs get threads of their own; the loop's default executor keeps file I/O.
+    cpu = CpuPool(config.cache.cpu_workers or default_workers(), config.cache.cpu_queue, app.get(CPU_HOOK))
     persist = PersistQueue(store, catalog, metrics, config.cache.persist_workers)
     inflight = InflightTable(temp)
     fetcher = Fetcher(
-        config=config, catalog=catalog, upstream=upstream, persist=persist, inflight=inflight, metrics=metrics
+        config=config,
+        catalog=catalog,
+        upstream=upstream,
+        persist=persist,
+        inflight=inflight,
+        metrics=metrics,
+        cpu=cpu,
+        refusals=Refusals(catalog, metrics),
     )
-    resolver = DigestResolver(catalog, store, fetcher, temp)
+    resolver = DigestResolver(catalog, store, fetcher, temp, cpu)
     fetcher.expected = resolver
     fetcher.deriver = Deriver(
-        lambda key, channel: fetcher.ensure(key, channel, derive=False), catalog, persist, resolver.blob_file
+        lambda key, channel: fetcher.ensure(key, channel, derive=False),
+        catalog,
+        persist,
+        resolver.blob_file,
+        cpu=cpu,
+        per_client=config.cache.derivations_per_client,
+        metrics=metrics,
     )
     metrics.inflight.set_function(lambda: len(inflight))
+    metrics.cpu_jobs.set_function(lambda: cpu.admitted)
+    metrics.cpu_waiting.set_function(lambda: cpu.waiting)
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
     app[SERVICES] = Services(config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth)
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     app[EVICTOR] = evictor = Evictor(config.cache, catalog, store, inflight)
     if config.cache.max_size:
         evictor.start()
-    scrubber = Scrubber(config.cache.scrub_interval, catalog, store, metrics)
+    scrubber = Scrubber(config.cache.scrub_interval, catalog, store, metrics, cpu)
     if config.cache.scrub_interval:
         scrubber.start()
     try:
@@ -85,6 +104,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await flusher
         await inflight.close()
         await persist.close()
+        await cpu.close()  # after the downloads: a job of a cancelled one may still be running
         await auth.close()
         await upstream.close()
         await catalog.close()
@@ -93,12 +113,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 CONFIG = web.AppKey("config", Config)
 EVICTOR = web.AppKey("evictor", Evictor)
+CPU_HOOK = web.AppKey("cpu_hook", CpuHook)
 
 
-def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web.Application:
+def create_app(
+    config: Config, *, client_timeout: float = CLIENT_TIMEOUT, cpu_hook: CpuHook | None = None
+) -> web.Application:
     """Build the streamer application for config; nothing starts until the app runs.
 
-    client_timeout bounds both the wait for a complete request head and an idle keep-alive.
+    client_timeout bounds both the wait for a complete request head and an idle keep-alive;
+    cpu_hook is told of every CPU pool job (tests hold jobs with it and see where they ran).
     """
     app = web.Application(
         middlewares=[read_only],
@@ -116,6 +140,8 @@ def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web
         },
     )
     app[CONFIG] = config
+    if cpu_hook is not None:
+        app[CPU_HOOK] = cpu_hook
     app.cleanup_ctx.append(_services)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)

@@ -15,6 +15,8 @@ from channel import Channel, build_channel
 from proxy import Proxy, make_config
 from upstream import FakeUpstream
 
+from condaproxy.cache.cpu import CpuHook
+
 CHANNEL_PREFIX = "testchan"
 
 
@@ -43,13 +45,21 @@ async def proxy_factory(
     """Start in-process proxies in front of ``upstream``: ``await proxy_factory(**cache_keys)``.
 
     Keyword arguments override ``[cache]`` keys; ``handler_cancellation`` picks aiohttp's mode
-    (``run_app`` defaults to False, the test server to True: the proxy must be right in both).
+    (``run_app`` defaults to False, the test server to True: the proxy must be right in both);
+    ``cpu_hook`` is told of every CPU pool job.
     """
     started: list[Proxy] = []
 
-    async def start(*, handler_cancellation: bool = False, cache_dir: Path | None = None, **cache: Any) -> Proxy:
+    async def start(
+        *,
+        handler_cancellation: bool = False,
+        cache_dir: Path | None = None,
+        cpu_hook: CpuHook | None = None,
+        **cache: Any,
+    ) -> Proxy:
         directory = cache_dir or tmp_path / f"cache{len(started)}"
-        proxy = Proxy(make_config(directory, upstream.url, **cache), handler_cancellation=handler_cancellation)
+        config = make_config(directory, upstream.url, **cache)
+        proxy = Proxy(config, handler_cancellation=handler_cancellation, cpu_hook=cpu_hook)
         started.append(proxy)
         return await proxy.start()
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from condaproxy.app import create_app, server_options
+from condaproxy.cache.cpu import CpuHook
 from condaproxy.config.model import CacheConfig, Config, LazyConfig, UpstreamConfig
 from condaproxy.http.services import SERVICES, Services
 
@@ -55,14 +56,18 @@ class Proxy:
     """The proxy app served in this process on 127.0.0.1, on an ephemeral port."""
 
     def __init__(
-        self, config: Config, *, handler_cancellation: bool = False, client_timeout: float | None = None
+        self,
+        config: Config,
+        *,
+        handler_cancellation: bool = False,
+        client_timeout: float | None = None,
+        cpu_hook: CpuHook | None = None,
     ) -> None:
         self.config = config
-        self.app = (
-            create_app(config)
-            if client_timeout is None
-            else create_app(config, client_timeout=client_timeout)
-        )
+        options: dict[str, Any] = {"cpu_hook": cpu_hook}
+        if client_timeout is not None:
+            options["client_timeout"] = client_timeout
+        self.app = create_app(config, **options)
         self._runner = web.AppRunner(self.app, handler_cancellation=handler_cancellation, **server_options())
         self._port = 0
         self.session: aiohttp.ClientSession | None = None
@@ -154,6 +159,13 @@ class ProxyProcess:
     def rss(self) -> int:
         """The child's resident set size in bytes."""
         return int(psutil.Process(self.pid).memory_info().rss)
+
+    def peak_rss(self) -> int:
+        """The child's peak resident set size in bytes so far (VmHWM: no sampling to miss it)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/PID/status")
 
     def open_fds(self) -> int:
         """File descriptors the child holds."""

@@ -1,6 +1,7 @@
 """The periodic scrub: `condaproxy verify` inside the running proxy, every [cache] scrub_interval.
 
-Each pass re-hashes every blob, one at a time in an executor thread (never on the loop). A blob
+Each pass re-hashes every blob, one at a time in the CPU pool (never on the loop, and never in
+the executor that serves hits). A blob
 that no longer matches its name or its rows' size is purged through the catalog exactly like an
 eviction: the rows go first, the blob is marked pending while it is deleted, and a put of the
 same bytes waits meanwhile (it would otherwise trust the damaged file that is about to go).
@@ -15,6 +16,7 @@ import math
 from collections import defaultdict
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.unit import Unit
 from condaproxy.cache.verify import check_blob
 from condaproxy.metrics import Metrics
@@ -26,8 +28,11 @@ log = logging.getLogger(__name__)
 class Scrubber:
     """Re-hashes the store every interval seconds; owned by the application."""
 
-    def __init__(self, interval: float, catalog: Catalog, store: BlobStore, metrics: Metrics) -> None:
+    def __init__(
+        self, interval: float, catalog: Catalog, store: BlobStore, metrics: Metrics, cpu: CpuPool
+    ) -> None:
         self.interval = interval
+        self._cpu = cpu
         self._catalog = catalog
         self._store = store
         self._metrics = metrics
@@ -65,13 +70,12 @@ class Scrubber:
         by_blob: dict[str, list[Unit]] = defaultdict(list)
         for unit in await self._catalog.all_units():
             by_blob[unit.blob_key].append(unit)
-        loop = asyncio.get_running_loop()
         purged = 0
         for blob_key, units in by_blob.items():
             path = self._store.local_path(blob_key)
             if path is None:
                 continue  # remote stores check themselves
-            problem = await loop.run_in_executor(None, check_blob, path, blob_key, {u.size for u in units})
+            problem = await self._cpu.run(check_blob, path, blob_key, {u.size for u in units})
             if problem is not None and await self._purge(blob_key, units, problem):
                 purged += 1
         log.info("scrub pass: %d blobs checked, %d purged", len(by_blob), purged)

@@ -67,7 +67,8 @@ async def _serve(
         elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
             if svc.inflight.get(key) is None:
                 with contextlib.suppress(CondaproxyError):
-                    svc.fetcher.start(key, channel, unit)  # one background revalidation
+                    # One background revalidation.
+                    svc.fetcher.start(key, channel, unit, client=request.remote)
             served = await serve_unit(request, svc, unit, "STALE", channel)
             if served is not None:
                 return served
@@ -76,7 +77,7 @@ async def _serve(
         dl = svc.inflight.get(key)
         if dl is None:
             try:
-                dl = svc.fetcher.start(key, channel, unit)
+                dl = svc.fetcher.start(key, channel, unit, client=request.remote)
             except CondaproxyError as exc:
                 return text(exc.status, str(exc))
             xcache = "MISS"

@@ -1,16 +1,18 @@
 """The unit catalog: SQLite (WAL) rows saying which units are complete in the blob store.
 
-One connection, reached through a small class per job: unit rows, learned metadata, eviction.
+One connection, reached through a small class per job: unit rows, learned metadata, eviction,
+refused documents.
 """
 
 from __future__ import annotations
 
 from condaproxy.cache.catalog.eviction import EvictionRows
 from condaproxy.cache.catalog.learned import LearnedRows
+from condaproxy.cache.catalog.refused import RefusedRows
 from condaproxy.cache.catalog.unit_rows import UnitRows
 
 
-class Catalog(UnitRows, LearnedRows, EvictionRows):
+class Catalog(UnitRows, LearnedRows, EvictionRows, RefusedRows):
     """Async access to the catalog; the only writer of unit rows."""
 
     async def close(self) -> None:

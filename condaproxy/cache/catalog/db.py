@@ -20,7 +20,7 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import UnitKey
 from condaproxy.errors import CatalogBusy
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
 # Rows kept in memory for hot look-ups. A row costs ~2 KB (its headers): 10,000 bound the
 # cache to ~20 MB, where 50,000 let a 10-minute soak over thousands of channels grow by 89 MB.
@@ -31,7 +31,18 @@ WRITE_ATTEMPTS = 4
 # it waits for the lock, WAL answers SQLITE_BUSY_SNAPSHOT at once, whatever the busy timeout.
 WRITE_TRANSACTIONS: Final = "IMMEDIATE"
 
-_SCHEMA = """
+# Documents a reader refused (past a nesting, work, size or object bound), by sha256: never read again.
+_REFUSED = """
+CREATE TABLE IF NOT EXISTS refused_documents (
+    sha256 TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    path TEXT NOT NULL,
+    refused_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS units (
     channel TEXT NOT NULL,
     subdir TEXT NOT NULL,
@@ -78,9 +89,11 @@ CREATE TABLE IF NOT EXISTS pending (
     since REAL NOT NULL
 ) WITHOUT ROWID;
 """
+    + _REFUSED
+)
 
 # Additive migrations, keyed by the version they lead to.
-_MIGRATIONS = {2: "ALTER TABLE units ADD COLUMN source_blob TEXT"}
+_MIGRATIONS = {2: "ALTER TABLE units ADD COLUMN source_blob TEXT", 3: _REFUSED}
 
 
 def connect_sync(path: Path) -> sqlite3.Connection:
