@@ -72,7 +72,7 @@ class Deriver:
         self._per_client = per_client
         self._metrics = metrics
         self.deriving: set[UnitKey] = set()
-        self.by_client: Counter[str] = Counter()  # derivations running, by the address that asked
+        self._by_client: Counter[str] = Counter()  # derivations running, by the address that asked
 
     async def derive(
         self, dl: Download, channel: ChannelConfig, cached: Unit | None, client: str | None = None
@@ -81,20 +81,20 @@ class Deriver:
 
         Overloaded when client already has per_client derivations running, or the CPU pool is full.
         """
-        if client is not None and self.by_client[client] >= self._per_client:
+        if client is not None and self._by_client[client] >= self._per_client:
             self._metrics.overloaded.labels("client").inc()
             raise Overloaded(f"{self._per_client} derivations from this client are running already")
         self.deriving.add(dl.key)
         if client is not None:
-            self.by_client[client] += 1
+            self._by_client[client] += 1
         try:
             return await self._derive(dl, channel, cached)
         finally:
             self.deriving.discard(dl.key)
             if client is not None:
-                self.by_client[client] -= 1
-                if not self.by_client[client]:
-                    del self.by_client[client]
+                self._by_client[client] -= 1
+                if not self._by_client[client]:
+                    del self._by_client[client]
 
     async def _derive(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> bool:
         key = dl.key
