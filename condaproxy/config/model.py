@@ -53,7 +53,7 @@ class CacheConfig:
     # address may have running at once.
     cpu_workers: int = 0
     cpu_queue: int = 8
-    derivations_per_client: int = 2
+    derivations_per_client: int = 4
 
 
 @dataclass(frozen=True)
