@@ -18,7 +18,7 @@ from typing import IO
 import ijson
 
 from condaproxy.conda.decoding import MAX_DEPTH, Bounded, open_decoded
-from condaproxy.conda.shards import RECORD_KEYS, iter_shard_digests
+from condaproxy.conda.shards import RECORD_KEYS, Digest, iter_shard_digests
 from condaproxy.errors import RefusedDocument
 
 __all__ = ["Digest", "digests_in", "iter_repodata_digests", "iter_shard_digests", "work_budget"]
@@ -26,14 +26,12 @@ __all__ = ["Digest", "digests_in", "iter_repodata_digests", "iter_shard_digests"
 # ijson buffers a whole string before emitting it, in superlinear time (16 MB: a second; 300 MB:
 # minutes and a GB of memory). No real record holds a token of megabytes: stop feeding one.
 MAX_TOKEN_BYTES = 4 * 1024 * 1024
-# Work per document, in parser events (one per token): real repodata gives about one event per
-# byte of its .zst or .bz2 (a record of ~400 bytes is ~27 events and compresses ~8-fold), and
-# never more than one per byte of plain JSON. A document giving more than EVENTS_PER_BYTE per
+# Work per document, in parser events (one per token): real repodata gives under one event per
+# byte of its .zst or .bz2 (conda-forge's: ~15 bytes of JSON a token, inflated ~8-fold, so ~0.5),
+# and never more than one per byte of plain JSON. A document giving more than EVENTS_PER_BYTE per
 # byte of the file as stored (MIN_EVENTS for small files) is refused.
 EVENTS_PER_BYTE = 16
 MIN_EVENTS = 1 << 20
-
-Digest = tuple[str, str, int | None]  # filename, sha256 hex, size
 
 
 def work_budget(stored_size: int) -> int:
