@@ -23,6 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from condaproxy.app import DEFAULT_PARTS, Parts, create_app, server_options
+from condaproxy.cache.cpu import CpuHook
 from condaproxy.config.model import CacheConfig, ChannelConfig, Config, LazyConfig, UpstreamConfig
 from condaproxy.http.services import SERVICES, Services
 
@@ -74,9 +75,10 @@ class Proxy:
         client_timeout: float | None = None,
         parts: Parts = DEFAULT_PARTS,
         clock: Callable[[], float] | None = None,
+        cpu_hook: CpuHook | None = None,
     ) -> None:
         self.config = config
-        options: dict[str, Any] = {"parts": parts}
+        options: dict[str, Any] = {"parts": parts, "cpu_hook": cpu_hook}
         if client_timeout is not None:
             options["client_timeout"] = client_timeout
         if clock is not None:
@@ -176,6 +178,13 @@ class ProxyProcess:
     def rss(self) -> int:
         """The child's resident set size in bytes."""
         return int(psutil.Process(self.pid).memory_info().rss)
+
+    def peak_rss(self) -> int:
+        """The child's peak resident set size in bytes so far (VmHWM: no sampling to miss it)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/PID/status")
 
     def open_fds(self) -> int:
         """File descriptors the child holds."""

@@ -17,7 +17,9 @@ import aiohttp
 
 from condaproxy.cache import integrity
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.inflight import Download, Head
+from condaproxy.cache.refusals import Refusals
 from condaproxy.cache.rewrite import Holdback, prepare_index
 from condaproxy.cache.spool import Spool
 from condaproxy.cache.unit import Unit, kept_headers
@@ -27,6 +29,7 @@ from condaproxy.errors import (
     CondaproxyError,
     DownloadAbandoned,
     IntegrityError,
+    RefusedDocument,
     TruncatedError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -41,10 +44,14 @@ Failed = Callable[[Download, CondaproxyError], None]
 class Receiver:
     """Receives upstream bodies into downloads; knows nothing of what happens to them next."""
 
-    def __init__(self, catalog: Catalog, metrics: Metrics, failed: Failed) -> None:
+    def __init__(
+        self, catalog: Catalog, metrics: Metrics, failed: Failed, cpu: CpuPool, refusals: Refusals
+    ) -> None:
         self._catalog = catalog
         self._metrics = metrics
         self._failed = failed  # fails the download's readers and remembers why
+        self._cpu = cpu
+        self._refusals = refusals
 
     async def receive(
         self,
@@ -72,7 +79,7 @@ class Receiver:
         headers = kept_headers(key.kind, passthrough_headers(resp.headers))
         head = Head(headers, length)
         # Repodata is held back until its head shows whether it names a foreign base (CEP-15).
-        hold = None if whole else Holdback.of(key, channel, headers, self._catalog)
+        hold = None if whole else Holdback.of(key, channel, headers, self._catalog, self._cpu)
         buffered = buffered or hold is not None
         lookup, want_size = await integrity.start_lookup(self._catalog, expected, key, channel, length)
         integrity.watch(dl, lookup)
@@ -134,10 +141,19 @@ class Receiver:
         if buffered:
             if body_path != dl.temp_path:
                 try:
+                    if (reason := await self._refusals.known(unit)) is not None:
+                        self._failed(
+                            dl, RefusedDocument(reason, f"{key.filename} was refused before ({reason})")
+                        )
+                        return None
                     if hold is None:
-                        unit = await prepare_index(self._catalog, unit, body_path, dl.temp_path)
+                        unit = await prepare_index(self._catalog, self._cpu, unit, body_path, dl.temp_path)
                     else:
                         unit = await hold.prepare(unit, body_path, dl.temp_path)
+                except RefusedDocument as exc:  # past a bound: 502, and never read again
+                    await self._refusals.record(unit.sha256, key, exc)
+                    self._failed(dl, exc)
+                    return None
                 except Exception as exc:  # a body we cannot rewrite must fail its readers, not the task
                     self._failed(dl, UpstreamUnavailable(f"cannot rewrite {key.filename}: {exc}"))
                     return None

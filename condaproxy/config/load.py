@@ -115,6 +115,9 @@ def _cache(s: Section, base: Path) -> CacheConfig:
         pin_lockfile=s.readable_file("pin_lockfile", base) if s.get("pin_lockfile") else None,
         scrub_interval=s.integer("scrub_interval", d.scrub_interval),
         history=_duration(s, "history", d.history),
+        cpu_workers=s.integer("cpu_workers", d.cpu_workers),
+        cpu_queue=s.integer("cpu_queue", d.cpu_queue),
+        derivations_per_client=s.integer("derivations_per_client", d.derivations_per_client, minimum=1),
     )
 
 

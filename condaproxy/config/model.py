@@ -56,6 +56,12 @@ class CacheConfig:
     repodata_stale_while_revalidate: int = 0  # seconds past TTL served at once while revalidating
     scrub_interval: int = 0  # seconds between passes re-hashing every blob; 0 means never
     history: float = 90 * 86400.0  # seconds superseded repodata revisions are kept for views
+    # The CPU pool (transcoding, digest learning, rewrites, hashing): its threads (0: half the
+    # cores, at least two), the jobs that may queue behind them, and the derivations one client
+    # address may have running at once.
+    cpu_workers: int = 0
+    cpu_queue: int = 8
+    derivations_per_client: int = 4
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ async def _serve(
     elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
         if svc.inflight.get(key) is None:
             with contextlib.suppress(CondaproxyError):
-                svc.fetcher.start(key, channel, unit)  # one background revalidation
+                svc.fetcher.start(key, channel, unit, client=request.remote)  # one background revalidation
         served = await serve_unit(request, svc, unit, "STALE", channel)
         if served is not None:
             return served
