@@ -36,7 +36,7 @@ def start(
     if not svc.cold.take(client):
         return text(503, _BUSY)
     try:
-        dl = svc.fetcher.start(key, channel, cached)
+        dl = svc.fetcher.start(key, channel, cached, client=request.remote)
     except CondaproxyError as exc:
         svc.cold.give_back(client)
         return text(exc.status, str(exc))

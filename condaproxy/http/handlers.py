@@ -42,9 +42,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return text(404, f"channel {key.channel!r} is not served by this proxy")
     try:
         # Before any cache look-up: a private channel's bytes go only to a token its upstream accepts.
-        channel = await svc.auth.admit(channel, parsed.token)
+        channel = await svc.auth.admit(channel, parsed.token, request.remote)
     except Refused as exc:
-        return text(exc.status, exc.reason)
+        retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return text(exc.status, exc.reason, headers=retry)
     try:
         # Policies and views: a refusal, a kept revision, or the document made in this one's stead.
         routed = await route(request, svc, parsed, channel)
@@ -75,7 +76,7 @@ async def _serve(
     elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
         if svc.inflight.get(key) is None:
             with contextlib.suppress(CondaproxyError):
-                svc.fetcher.start(key, channel, unit)  # one background revalidation
+                svc.fetcher.start(key, channel, unit, client=request.remote)  # one background revalidation
         served = await serve_unit(request, svc, unit, "STALE", channel)
         if served is not None:
             return served

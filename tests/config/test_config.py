@@ -107,31 +107,20 @@ def test_shipped_example_parses_and_shows_every_key() -> None:
 def test_shipped_example_shows_the_channel_keys() -> None:
     text = SHIPPED.read_text()
     for key in (
-        "url",
-        "connect_timeout",
-        "read_timeout",
-        "ca_bundle",
-        "client_cert",
-        "client_key",
-        "token",
-        "header",
+        *("url", "connect_timeout", "read_timeout", "ca_bundle", "client_cert", "client_key", "token"),
+        *("header", "trusted_origins"),
     ):
         assert f"# {key} = " in text or f"\n{key} = " in text, key
 
 
 def test_inline_comments_are_stripped(tmp_path: Path) -> None:
-    config = load_config(
-        write(
-            tmp_path,
-            """\
+    config = load_config(write(tmp_path, """\
         [lazy]
         streamer_port = 9000   ; semicolon
         streamer_cache_timeout = 5 # hash
         [upstream]
         default = https://mirror.example/conda/   # trailing slash dropped
-        """,
-        )
-    )
+        """))
     assert config.lazy.streamer_port == 9000
     assert config.lazy.streamer_cache_timeout == 5
     assert config.upstream.default == "https://mirror.example/conda"
@@ -157,10 +146,7 @@ def test_relative_directory_is_relative_to_the_config_file(
 
 
 def test_channels_inherit_upstream_timeouts_wherever_the_section_is(tmp_path: Path) -> None:
-    config = load_config(
-        write(
-            tmp_path,
-            """\
+    config = load_config(write(tmp_path, """\
         [channel:pkgs/main]
         url = http://repo.example/pkgs/main/
         read_timeout = 120
@@ -169,34 +155,21 @@ def test_channels_inherit_upstream_timeouts_wherever_the_section_is(tmp_path: Pa
         [upstream]
         connect_timeout = 3.5
         read_timeout = 30
-        """,
-        )
-    )
-    assert config.channels["pkgs/main"] == ChannelConfig(
-        "pkgs/main", "http://repo.example/pkgs/main", 3.5, 120.0
-    )
+        """))
+    assert config.channels["pkgs/main"] == ChannelConfig("pkgs/main", "http://repo.example/pkgs/main", 3.5, 120.0)
     dev = config.channels["conda-forge/label/dev"]
     assert (dev.connect_timeout, dev.read_timeout) == (3.5, 30.0)
 
 
 def test_channel_mirrors(tmp_path: Path) -> None:
-    config = load_config(
-        write(
-            tmp_path,
-            """\
+    config = load_config(write(tmp_path, """\
         [channel:conda-forge]
         url = https://a.example/conda-forge/, https://b.example/cf
               https://c.example/conda-forge,https://a.example/conda-forge
-        """,
-        )
-    )
+        """))
     ch = config.channels["conda-forge"]
     assert ch.url == "https://a.example/conda-forge"
-    assert ch.urls == (
-        "https://a.example/conda-forge",
-        "https://b.example/cf",
-        "https://c.example/conda-forge",
-    )
+    assert ch.urls == ("https://a.example/conda-forge", "https://b.example/cf", "https://c.example/conda-forge")
     single = load_config(write(tmp_path, EXAMPLE)).channels["conda-forge"]
     assert single.urls == (single.url,)
 
@@ -219,18 +192,27 @@ def test_bad_mirror_lists(tmp_path: Path, text: str, key: str, words: str) -> No
     assert "hunter2" not in str(error)  # a password in a URL is never echoed
 
 
+def test_trusted_origins_and_probe_rate(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """\
+        [upstream]
+        auth_probe_rate = 5, 50
+        [channel:team]
+        url = http://conda.internal/team
+        trusted_origins = http://10.1.2.3:8080 HTTPS://CDN.Internal/,
+                          http://[fd00::1]:81 http://10.1.2.3:8080
+        [channel:other]
+        url = https://conda.example/other
+        """))
+    assert config.upstream.auth_probe_rate == (5, 50)
+    team = config.channels["team"]
+    assert team.trusted_origins == ("http://10.1.2.3:8080", "https://cdn.internal", "http://[fd00::1]:81")
+    assert config.channels["other"].trusted_origins == ()
+    assert config.channel("team/label/dev").trusted_origins == team.trusted_origins  # labels follow
+
+
 def test_channel_keys_are_listed(tmp_path: Path) -> None:
     error = load_error(tmp_path, "[channel:x]\nurl = https://x.example\nmirror = y\n")
-    for key in (
-        "url",
-        "connect_timeout",
-        "read_timeout",
-        "ca_bundle",
-        "client_cert",
-        "client_key",
-        "token",
-        "header",
-    ):
+    for key in ("url", "connect_timeout", "read_timeout", "ca_bundle", "client_cert", "client_key", "token", "header"):
         assert key in error.message
     assert "urls" not in error.message.replace("url,", "")
 
@@ -238,9 +220,7 @@ def test_channel_keys_are_listed(tmp_path: Path) -> None:
 def test_channel_lookup(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, EXAMPLE))
     assert config.channel("conda-forge") is config.channels["conda-forge"]
-    assert config.channel("bioconda") == ChannelConfig(
-        "bioconda", "https://conda.anaconda.org/bioconda", 10.0, 60.0
-    )
+    assert config.channel("bioconda") == ChannelConfig("bioconda", "https://conda.anaconda.org/bioconda", 10.0, 60.0)
     # Names that could never be configured never become upstream URLs either.
     assert config.channel("../etc") is None
     assert config.channel("Bioconda") is None
@@ -251,16 +231,8 @@ def test_channel_lookup(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [
-        ("yes", True),
-        ("No", False),
-        ("true", True),
-        ("FALSE", False),
-        ("on", True),
-        ("off", False),
-        ("1", True),
-        ("0", False),
-    ],
+    [("yes", True), ("No", False), ("true", True), ("FALSE", False), ("on", True), ("off", False),
+     ("1", True), ("0", False)],
 )
 def test_booleans(tmp_path: Path, text: str, expected: bool) -> None:
     config = load_config(write(tmp_path, f"[upstream]\nallow_unlisted = {text}\n"))
@@ -279,6 +251,7 @@ def test_valid_channel_names(name: str) -> None:
 
 # --- rejected files -----------------------------------------------------------------
 
+TRUSTING = "[channel:x]\nurl = https://x.example\ntrusted_origins = "
 BAD = [
     # (file text, section, key, words in the message)
     ("[lazy]\nstreamer_port = 0\n", "lazy", "streamer_port", "1 to 65535"),
@@ -316,6 +289,12 @@ BAD = [
     ("[channel:x]\nread_timeout = 5\n", "channel:x", "url", "missing"),
     ("[channel:x]\nurl = https://x.example\nmirror = y\n", "channel:x", "mirror", "allowed keys: url"),
     ("[channel:x]\nurl = file:///srv/x\n", "channel:x", "url", "http(s)"),
+    ("[upstream]\nauth_probe_rate = 20\n", "upstream", "auth_probe_rate", "two integers >= 1"),
+    ("[upstream]\nauth_probe_rate = 20 0\n", "upstream", "auth_probe_rate", "'20 0'"),
+    ("[upstream]\nauth_probe_rate = 1.5 300\n", "upstream", "auth_probe_rate", "per client address"),
+    (f"{TRUSTING}https://cdn.example/pkgs\n", "channel:x", "trusted_origins", "not a path"),
+    (f"{TRUSTING}10.1.2.3:8080\n", "channel:x", "trusted_origins", "http(s)"),
+    (f"{TRUSTING}https://u:pw@cdn.example\n", "channel:x", "trusted_origins", "without user or password"),
 ]
 
 
@@ -331,7 +310,9 @@ def test_bad_value_names_file_section_and_key(
     assert (error.section, error.key) == (section, key)
 
 
-@pytest.mark.parametrize("section", ["proxy", "DEFAULT", "Lazy", "channel"])
+@pytest.mark.parametrize(
+    "section", ["proxy", "DEFAULT", "Lazy", "channel"]
+)
 def test_unknown_section(tmp_path: Path, section: str) -> None:
     message = str(load_error(tmp_path, f"[{section}]\n"))
     assert message == (
@@ -340,7 +321,9 @@ def test_unknown_section(tmp_path: Path, section: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["Conda-Forge", "a/../b", "..", "", "a//b", "/a", "a/", "-a", "a b", "a/.."])
+@pytest.mark.parametrize(
+    "name", ["Conda-Forge", "a/../b", "..", "", "a//b", "/a", "a/", "-a", "a b", "a/.."]
+)
 def test_bad_channel_names(tmp_path: Path, name: str) -> None:
     assert not is_channel_name(name)
     error = load_error(tmp_path, f"[channel:{name}]\nurl = https://x.example\n")
@@ -353,12 +336,7 @@ def test_bad_channel_names(tmp_path: Path, name: str) -> None:
         ("streamer_port = 1\n[lazy]\n", None, None, "line 1: 'streamer_port = 1' comes before any [section]"),
         ("[lazy]\n\ngarbage\n", None, None, "line 3: expected 'key = value' or [section], got 'garbage'"),
         ("[lazy]\n[cache]\n[lazy]\n", "lazy", None, "line 3: section appears twice"),
-        (
-            "[cache]\nrepodata_ttl = 1\nrepodata_ttl = 2\n",
-            "cache",
-            "repodata_ttl",
-            "line 3: key appears twice",
-        ),
+        ("[cache]\nrepodata_ttl = 1\nrepodata_ttl = 2\n", "cache", "repodata_ttl", "line 3: key appears twice"),
     ],
 )
 def test_syntax_errors_say_the_line(
