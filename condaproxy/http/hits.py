@@ -136,7 +136,15 @@ async def _serve_blob(
         if data is not None and request.method != "HEAD" and count > 0:
             # Headers and body in one write; a body this small never waits on the client.
             body = data if count == len(data) else data[plan.offset : plan.offset + count]
-            return web.Response(status=plan.status, headers={**headers, **plan.headers}, body=body)
+            whole = web.Response(status=plan.status, headers={**headers, **plan.headers}, body=body)
+            try:
+                await sending.finish(request, whole, svc.config.lazy.send_timeout)
+            except CondaproxyError as exc:
+                log.warning("aborting response for %s: %s", unit.key, exc)
+                abort(request)
+            except ConnectionError:
+                pass  # the client went away
+            return whole
         resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
         resp.content_length = count
         await resp.prepare(request)

@@ -43,6 +43,20 @@ async def write_eof(resp: web.StreamResponse, timeout: float) -> None:
         raise _stalled(timeout) from None
 
 
+async def finish(request: web.BaseRequest, resp: web.Response, timeout: float) -> None:
+    """Send resp (headers and its whole body, in one write) within timeout.
+
+    Left to aiohttp after the handler returns, a client that reads nothing while pipelining
+    requests would hold the connection in drain() with no bound.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await resp.prepare(request)
+            await resp.write_eof()
+    except TimeoutError:
+        raise _stalled(timeout) from None
+
+
 async def sendfile(
     transport: asyncio.Transport, file: IO[bytes], offset: int, count: int, timeout: float
 ) -> None:

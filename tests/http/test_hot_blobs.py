@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from channel import Channel
-from proxy import Proxy
+from proxy import Proxy, make_config
+from upstream import FakeUpstream
 
 from condaproxy.cache.removal import remove_unit
 from condaproxy.http.hot import HotBlobs
@@ -12,6 +21,15 @@ from condaproxy.http.hot import HotBlobs
 CH = "/testchan"
 # Headers that differ between any two responses, whatever they carry.
 PER_RESPONSE = {"Date", "Server", "Connection", "Keep-Alive"}
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll a test-side condition (the proxy's own code never polls)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.02)
 
 
 def test_hot_blobs_are_bounded_by_bytes_and_checked_by_size() -> None:
@@ -94,3 +112,36 @@ async def test_a_removed_unit_is_not_served_from_memory(proxy: Proxy, channel: C
     again = await proxy.get(path)
     assert again.xcache == "MISS" and again.body == pkg.read_bytes()
     await proxy.idle()
+
+
+async def test_a_client_not_reading_memory_hits_is_cut_off_after_send_timeout(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bodies from memory are bounded by send_timeout too: pipelined GETs, nothing read."""
+    caplog.set_level(logging.WARNING, logger="condaproxy.http")
+    config = make_config(tmp_path / "cache", upstream.url)
+    proxy = await Proxy(replace(config, lazy=replace(config.lazy, send_timeout=1.0))).start()
+    try:
+        pkg = channel.by_name("cp-base")
+        path = f"{CH}/{pkg.url_path}"
+        assert (await proxy.get(path)).status == 200
+        await proxy.idle()
+        assert (await proxy.get(path)).xcache == "HIT"  # now in memory
+        host, port = proxy.url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, (host, int(port)))
+            request = f"GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode()
+            sending = asyncio.ensure_future(loop.sock_sendall(sock, request * 20000))
+            await wait_until(lambda: "aborting response" in caplog.text, 30, "the stalled response to be cut")
+            assert "accepted no bytes for 1 s" in caplog.text
+            sending.cancel()
+        finally:
+            sock.close()
+        whole = await proxy.get(path)
+        assert whole.xcache == "HIT" and whole.body == pkg.read_bytes()
+    finally:
+        await proxy.close()
