@@ -138,7 +138,7 @@ async def _serve_blob(
             body = data if count == len(data) else data[plan.offset : plan.offset + count]
             whole = web.Response(status=plan.status, headers={**headers, **plan.headers}, body=body)
             try:
-                await sending.finish(request, whole, svc.config.lazy.send_timeout)
+                await sending.finish(request, whole, body, svc.config.lazy.send_timeout)
             except CondaproxyError as exc:
                 log.warning("aborting response for %s: %s", unit.key, exc)
                 abort(request)

@@ -19,6 +19,9 @@ from condaproxy.errors import ClientStalled, CondaproxyError
 
 # A slice of a sendfile: the unit of measured progress, as live.CHUNK is for writes.
 SLICE = 256 * 1024
+# Bytes a response head may take beyond the headers a handler set (status line, Date, Server,
+# Content-Length, Content-Type, Connection), when deciding whether a send can wait at all.
+HEAD_ALLOWANCE = 512
 
 
 def _stalled(timeout: float) -> ClientStalled:
@@ -43,12 +46,22 @@ async def write_eof(resp: web.StreamResponse, timeout: float) -> None:
         raise _stalled(timeout) from None
 
 
-async def finish(request: web.BaseRequest, resp: web.Response, timeout: float) -> None:
-    """Send resp (headers and its whole body, in one write) within timeout.
+async def finish(request: web.BaseRequest, resp: web.Response, body: bytes, timeout: float) -> None:
+    """Send resp (headers and body, in one write) within timeout.
 
     Left to aiohttp after the handler returns, a client that reads nothing while pipelining
-    requests would hold the connection in drain() with no bound.
+    requests would hold the connection in drain() with no bound. drain() waits only while the
+    transport's buffer is above its high-water mark: when it is empty and the whole response
+    fits under that mark, nothing can wait, and the timer (a tenth of a small hit's cost) is
+    not armed.
     """
+    transport = request.transport
+    if transport is not None and transport.get_write_buffer_size() == 0:
+        size = len(body) + HEAD_ALLOWANCE + sum(len(k) + len(v) + 4 for k, v in resp.headers.items())
+        if size <= transport.get_write_buffer_limits()[1]:
+            await resp.prepare(request)
+            await resp.write_eof()
+            return
     try:
         async with asyncio.timeout(timeout):
             await resp.prepare(request)
