@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -22,11 +23,17 @@ from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
+from condaproxy.http import admin
 from condaproxy.http.accesslog import AccessLogger, QuietMalformedRequests
+from condaproxy.http.assets import static
 from condaproxy.http.guards import read_only
 from condaproxy.http.handlers import handle
-from condaproxy.http.probes import healthz, metrics_view
+from condaproxy.http.landing import landing, setup_condarc, setup_page, setup_pixi
+from condaproxy.http.operations import observe, on_prepare, operations_ctx
+from condaproxy.http.probes import healthz, metrics_view, readyz
 from condaproxy.http.services import SERVICES, Services
+from condaproxy.http.status import status_json
+from condaproxy.http.statuspage import status_page
 from condaproxy.metrics import Metrics
 from condaproxy.store.filesystem import FilesystemStore
 from condaproxy.upstream.admission import ClientAuth
@@ -101,7 +108,7 @@ def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web
     client_timeout bounds both the wait for a complete request head and an idle keep-alive.
     """
     app = web.Application(
-        middlewares=[read_only],
+        middlewares=[observe, read_only],
         handler_args={
             "max_line_size": 8190,
             "max_field_size": 8190,
@@ -117,10 +124,27 @@ def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web
     )
     app[CONFIG] = config
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(functools.partial(operations_ctx, evictor=lambda: app[EVICTOR]))
+    app.on_response_prepare.append(on_prepare)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    _add_operator_routes(app, config)
     app.router.add_get("/{tail:.*}", handle)
     return app
+
+
+def _add_operator_routes(app: web.Application, config: Config) -> None:
+    # Names starting with "_" can never be channels, so these never shadow a unit path.
+    app.router.add_get("/", landing)
+    app.router.add_get("/_status", status_page)
+    app.router.add_get("/_status.json", status_json)
+    app.router.add_get("/_setup", setup_page)
+    app.router.add_get("/_setup/condarc", setup_condarc)
+    app.router.add_get("/_setup/pixi", setup_pixi)
+    app.router.add_get("/_static/{name}", static)
+    if config.admin.token_file is not None:
+        admin.add_routes(app)
 
 
 def server_options() -> dict[str, Any]:

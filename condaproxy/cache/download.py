@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -62,6 +63,9 @@ class Fetcher:
         self.metrics = metrics
         self.expected: ExpectedLookup | None = None  # set by the app (expected.DigestResolver)
         self.deriver: Deriver | None = None  # set by the app
+        # Told of every fetch started (with whether a cached copy existed) and every failure.
+        self.on_start: Callable[[UnitKey, bool], None] | None = None
+        self.on_failure: Callable[[UnitKey, CondaproxyError], None] | None = None
         self._receiver = Receiver(catalog, metrics, self._failed)
         # Upstream 404s are remembered briefly, never for long (the file may appear soon).
         self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
@@ -85,6 +89,8 @@ class Fetcher:
         if (bad := self.cooldown.get(key)) is not None:
             raise bad
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
+        if self.on_start is not None:
+            self.on_start(key, cached is not None)
         return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable))
 
     async def ensure(self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True) -> Unit | None:
@@ -218,6 +224,8 @@ class Fetcher:
             self.metrics.integrity_failures.inc()
         self.metrics.upstream_failures.labels(type(exc).__name__).inc()
         log.warning("fetch of %s failed: %s", dl.key, exc)
+        if self.on_failure is not None:
+            self.on_failure(dl.key, exc)
         dl.fail(exc)
 
     async def _learn(self, key: UnitKey, path: Path) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
 
 from condaproxy.config.ini import Section, parse_ini
 from condaproxy.config.model import (
+    AdminConfig,
     CacheConfig,
     ChannelConfig,
     Config,
     LazyConfig,
+    LogConfig,
     UpstreamConfig,
     default_cache_dir,
     is_channel_name,
@@ -27,6 +30,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "lazy": tuple(f.name for f in fields(LazyConfig)),
     "cache": tuple(f.name for f in fields(CacheConfig)),
     "upstream": tuple(f.name for f in fields(UpstreamConfig)),
+    "log": tuple(f.name for f in fields(LogConfig)),
+    "admin": tuple(f.name for f in fields(AdminConfig)),
     _CHANNEL_PREFIX: tuple(f.name for f in fields(ChannelConfig) if f.name not in ("name", "urls")),
 }
 
@@ -47,7 +52,9 @@ def load_config(path: Path | str) -> Config:
     for name in parser.sections():
         kind = _CHANNEL_PREFIX if name.startswith(_CHANNEL_PREFIX) else name
         if kind not in _KEYS:
-            message = "unknown section; expected [lazy], [cache], [upstream] or [channel:NAME]"
+            message = (
+                "unknown section; expected [lazy], [cache], [upstream], [log], [admin] or [channel:NAME]"
+            )
             raise ConfigError(file, name, None, message)
         sections[name] = Section(file, name, parser[name])
         sections[name].check_keys(_KEYS[kind])
@@ -56,6 +63,11 @@ def load_config(path: Path | str) -> Config:
         return sections.get(name) or Section(file, name, {})
 
     lazy = _lazy(section("lazy"))
+    log = LogConfig(
+        format=section("log").choice("format", LogConfig.format, ("text", "json")),
+        access_log=section("log").log_target("access_log", path.absolute().parent),
+    )
+    admin = AdminConfig(token_file=_token_file(section("admin"), path.absolute().parent))
     cache = _cache(section("cache"), path.absolute().parent)
     upstream = _upstream(section("upstream"))
     channels = {}
@@ -63,7 +75,7 @@ def load_config(path: Path | str) -> Config:
         if name.startswith(_CHANNEL_PREFIX):
             channel = _channel(sec, name.removeprefix(_CHANNEL_PREFIX), upstream, path.absolute().parent)
             channels[channel.name] = channel
-    return Config(lazy, cache, upstream, MappingProxyType(channels), source=path)
+    return Config(lazy, cache, upstream, MappingProxyType(channels), source=path, log=log, admin=admin)
 
 
 def default_config(directory: Path | None = None) -> Config:
@@ -78,7 +90,26 @@ def _lazy(s: Section) -> LazyConfig:
         streamer_port=s.integer("streamer_port", d.streamer_port, minimum=1, maximum=65535),
         streamer_interface=s.interfaces("streamer_interface", d.streamer_interface),
         streamer_cache_timeout=s.integer("streamer_cache_timeout", d.streamer_cache_timeout),
+        trusted_proxies=s.networks("trusted_proxies"),
+        public_url=s.url("public_url", None) if s.get("public_url") else None,
     )
+
+
+def _token_file(s: Section, base: Path) -> Path | None:
+    raw = s.get("token_file")
+    if not raw:
+        return None  # the admin API does not exist
+    path = base / Path(raw).expanduser()
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    # Under systemd (LoadCredential=admin.token:/etc/condaproxy/admin.token) the service's
+    # transient user cannot read the file itself, only its credential copy of the same name.
+    if creds and not os.access(path, os.R_OK) and os.access(Path(creds) / path.name, os.R_OK):
+        return Path(creds) / path.name
+    if not path.is_file():
+        raise s.error("token_file", f"no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise s.error("token_file", f"not readable by this user: {path}")
+    return path
 
 
 def _cache(s: Section, base: Path) -> CacheConfig:

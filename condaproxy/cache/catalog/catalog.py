@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from condaproxy.cache.catalog.eviction import EvictionRows
 from condaproxy.cache.catalog.learned import LearnedRows
+from condaproxy.cache.catalog.summary import SummaryRows
 from condaproxy.cache.catalog.unit_rows import UnitRows
 
 
-class Catalog(UnitRows, LearnedRows, EvictionRows):
+class Catalog(UnitRows, LearnedRows, EvictionRows, SummaryRows):
     """Async access to the catalog; the only writer of unit rows."""
 
     async def close(self) -> None:
