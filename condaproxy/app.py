@@ -35,6 +35,8 @@ from condaproxy.http.services import SERVICES, Services
 from condaproxy.http.status import status_json
 from condaproxy.http.statuspage import status_page
 from condaproxy.metrics import Metrics
+from condaproxy.ops.lifecycle import ServiceManager
+from condaproxy.ops.logs import LogFiles
 from condaproxy.store.filesystem import FilesystemStore
 from condaproxy.upstream.admission import ClientAuth
 
@@ -152,18 +154,23 @@ def server_options() -> dict[str, Any]:
     return {"access_log": logging.getLogger("condaproxy.access"), "access_log_class": AccessLogger}
 
 
-def run(config: Config) -> None:
-    """Serve until interrupted, on every configured interface address."""
+def run(config: Config, log_files: LogFiles | None = None) -> None:
+    """Serve until interrupted, on every configured interface address (telling systemd how it goes)."""
     logging.getLogger("aiohttp.server").addFilter(QuietMalformedRequests())
     hosts = bind_addresses(config.lazy.streamer_interface, source=config.source)
     port = config.lazy.streamer_port
     log.info("condaproxy on %s port %d, cache in %s", ", ".join(hosts), port, config.cache.directory)
+    app = create_app(config)
+    manager = ServiceManager(
+        config, [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts], log_files
+    )
+    manager.attach(app)
     try:
         web.run_app(
-            create_app(config),
+            app,
             host=hosts,
             port=port,
-            print=None,
+            print=manager.listening,  # called once every site is listening: READY=1
             **server_options(),
         )
     except OSError as exc:

@@ -80,8 +80,13 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     # Imported here so that check-config works without the server's modules.
     from condaproxy.app import run
+    from condaproxy.ops.logs import configure
 
-    run(config)
+    log_files = configure(args.log_level, config.log)
+    try:
+        run(config, log_files)
+    finally:
+        log_files.close()
     return 0
 
 
