@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from condaproxy.cache.evict import Evictor
+from condaproxy.cache.ownership import ServeLock
 from condaproxy.cache.pins import RuntimePins
 from condaproxy.cache.prefetch import Prefetcher
 from condaproxy.cache.stats import Recorder
@@ -94,12 +95,15 @@ async def operations_ctx(app: web.Application, evictor: Callable[[], Evictor]) -
     if svc.config.admin.token_file is not None:
         admin = AdminToken(svc.config.admin.token_file)
         await admin.load()
+    # Held while serving: `condaproxy gc` and `invalidate` then act through the admin API.
+    hold = await asyncio.get_running_loop().run_in_executor(None, ServeLock, svc.config.cache.directory)
     app[OPERATIONS] = Operations(recorder, evictor(), pins, prefetcher, admin)
     try:
         yield
     finally:
         await prefetcher.close()
         svc.fetcher.on_start = svc.fetcher.on_failure = None
+        hold.release()
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
