@@ -84,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _operator_commands(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> list[argparse.ArgumentParser]:
+    commands: argparse._SubParsersAction[_Parser],
+) -> list[_Parser]:
     """stats, gc, invalidate and prefetch: the shell's side of the admin API."""
     config_help = "INI configuration (default: built-in defaults)"
     token_help = "admin token file (default: [admin] token_file)"
