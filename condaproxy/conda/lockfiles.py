@@ -101,10 +101,10 @@ def parse_explicit(text: str) -> Lockfile:
 
 
 def _pixi(doc: dict[str, Any]) -> Lockfile:
-    """pixi.lock, versions 4 to 6: `packages` is a list; v6 names conda URLs `conda:`, older ones `url:`."""
+    """pixi.lock, versions 4 to 7: `packages` is a list; v6 and later name conda URLs `conda:`, older ones `url:`."""
     version = doc.get("version")
-    if not isinstance(version, int) or not 4 <= version <= 6:
-        raise LockfileError(f"pixi.lock version {version!r} is not supported (4 to 6 are)")
+    if not isinstance(version, int) or not 4 <= version <= 7:
+        raise LockfileError(f"pixi.lock version {version!r} is not supported (4 to 7 are)")
     packages = doc.get("packages")
     if not isinstance(packages, list):
         raise LockfileError("pixi.lock: 'packages' is not a list")
