@@ -101,7 +101,7 @@ def parse_explicit(text: str) -> Lockfile:
 
 
 def _pixi(doc: dict[str, Any]) -> Lockfile:
-    """pixi.lock, versions 4 to 7: `packages` is a list; v6 and later name conda URLs `conda:`, older ones `url:`."""
+    """pixi.lock, versions 4 to 7: `packages` is a list; v6 on name conda URLs `conda:`, v4-5 `url:`."""
     version = doc.get("version")
     if not isinstance(version, int) or not 4 <= version <= 7:
         raise LockfileError(f"pixi.lock version {version!r} is not supported (4 to 7 are)")
