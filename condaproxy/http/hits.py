@@ -12,6 +12,7 @@ from typing import IO
 
 from aiohttp import web
 
+from condaproxy.cache.freshness import stored_freshness
 from condaproxy.cache.removal import remove_unit
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
@@ -89,8 +90,7 @@ async def _serve_blob(
             return None
     try:
         headers = unit_headers(svc.config, unit.key, {**unit.headers, **extra}, xcache)
-        if xcache == "STALE":
-            headers["Age"] = str(max(0, int(time.time() - unit.validated_at)))
+        headers.update(stored_freshness(unit, time.time(), svc.config))
         svc.catalog.touch(unit.key, time.time())
         # Client-facing validators: for derived or rewritten units they differ from upstream's.
         plan = plan_for(request, unit.size, unit.headers)
