@@ -143,9 +143,11 @@ async def backend(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[tuple
 
 async def get(url: str, *, local: str = "127.0.0.1", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     connector = aiohttp.TCPConnector(local_addr=(local, 0), force_close=True)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-        async with session.get(url, headers=headers or {}) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
+    async with (
+        aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
+        session.get(url, headers=headers or {}) as resp,
+    ):
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
 
 
 def front_hit(kind: str, headers: dict[str, str]) -> bool:
