@@ -42,7 +42,17 @@ JS = """
 })();
 """
 
-_FILES = {"condaproxy.css": (CSS, "text/css"), "status.js": (JS, "text/javascript")}
+ICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    '<circle cx="8" cy="8" r="7" fill="#2f81f7"/>'
+    '<path d="M4 8h8M8 4v8" stroke="#fff" stroke-width="2"/></svg>'
+)
+
+_FILES = {
+    "condaproxy.css": (CSS, "text/css"),
+    "status.js": (JS, "text/javascript"),
+    "icon.svg": (ICON, "image/svg+xml"),
+}
 _ETAGS = {
     name: '"' + hashlib.sha256(body.encode()).hexdigest()[:16] + '"' for name, (body, _) in _FILES.items()
 }

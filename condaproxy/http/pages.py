@@ -27,7 +27,7 @@ def page(title: str, body: str, *, script: bool = False) -> str:
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title>"
-        '<link rel=stylesheet href="/_static/condaproxy.css">'
+        '<link rel=stylesheet href="/_static/condaproxy.css"><link rel=icon href="/_static/icon.svg">'
         f"{js}</head><body>"
         '<nav><a href="/">condaproxy</a><a href="/_status">status</a>'
         '<a href="/_setup">client set-up</a></nav>'
