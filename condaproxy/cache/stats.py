@@ -193,7 +193,7 @@ class Recorder:
         health = self.health(key.channel)
         if xcache == "STALE":
             health.last_stale_at = now
-        elif xcache in ("MISS", "COLLAPSED", "REVALIDATED") and status < 500:
+        elif xcache in ("MISS", "COLLAPSED", "REVALIDATED") and (status < 400 or status == 404):
             health.last_ok = now
             health.failures = 0
         if status in (401, 403):
@@ -204,7 +204,7 @@ class Recorder:
     def _channel(self, name: str) -> Windowed:
         windowed = self._channels.get(name)
         if windowed is None:
-            if len(self._channels) >= CHANNELS:
+            if len(self._channels) >= CHANNELS - 1:  # one slot is kept for OTHER
                 name = OTHER
             windowed = self._channels.setdefault(name, Windowed())
         return windowed

@@ -65,13 +65,21 @@ def _authorize(request: web.Request) -> None:
         raise _Refused(problem(401, "a valid admin token is required", {"WWW-Authenticate": "Bearer"}))
 
 
+def _too_large(limit: int) -> _Refused:
+    response = problem(413, f"the body may be at most {limit} bytes")
+    response.force_close()  # the rest of the body is never read
+    return _Refused(response)
+
+
 async def _body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise _Refused(problem(413, f"the body may be at most {limit} bytes"))
-    data = await request.content.read(limit + 1)
-    if len(data) > limit:
-        raise _Refused(problem(413, f"the body may be at most {limit} bytes"))
-    return data
+        raise _too_large(limit)
+    data = bytearray()
+    while chunk := await request.content.readany():
+        data += chunk
+        if len(data) > limit:  # chunked bodies have no Content-Length to refuse up front
+            raise _too_large(limit)
+    return bytes(data)
 
 
 async def _json(request: web.Request) -> dict[str, Any]:

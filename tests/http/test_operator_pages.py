@@ -282,7 +282,8 @@ async def test_admin_pin_survives_restart_and_protects_from_gc(
 async def test_admin_prefetch_of_a_posted_lockfile(admin_proxy: Proxy, upstream: FakeUpstream, channel: Channel) -> None:
     proxy = admin_proxy
     pkgs = [channel.by_name(n) for n in ("cp-base", "cp-lib", "cp-data")]
-    lines = ["# platform: linux-64", "@EXPLICIT"]
+    # Comment lines make the body arrive in many chunks.
+    lines = ["# platform: linux-64", *(["# " + "x" * 1000] * 400), "@EXPLICIT"]
     lines += [f"https://conda.anaconda.org/testchan/{p.url_path}#sha256:{p.sha256}" for p in pkgs]
     lines.append("https://conda.anaconda.org/testchan/noarch/cp-missing-1.0-0.conda")
     status, body = await post(proxy, "/_admin/prefetch?pin=yes", "\n".join(lines).encode())
