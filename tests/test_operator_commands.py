@@ -236,3 +236,44 @@ async def test_prefetch_environment_yml_is_solved_against_the_proxy(
         assert proc.stop() == 0
     cached = {f for _, _, f in check_invariants(tmp_path / "cache")}
     assert channel.by_name("cp-tools").filename in cached
+
+
+async def test_prefetch_shows_a_progress_bar_on_a_terminal(proxy: Proxy, channel: Channel, tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    pkgs = [channel.by_name(n) for n in ("cp-base", "cp-data")]
+    explicit = tmp_path / "env.txt"
+    explicit.write_text("@EXPLICIT\n" + "".join(f"{CANON}/testchan/{p.url_path}\n" for p in pkgs))
+    config = tmp_path / "c.ini"
+    config.write_text(f"[upstream]\ndefault = {proxy.config.upstream.default}\n")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+
+    def run() -> int:
+        argv = [sys.executable, "-m", "condaproxy", "prefetch", "--config", str(config), "--proxy", proxy.url, str(explicit)]
+        with subprocess.Popen(argv, stdout=follower, stderr=follower) as child:
+            return child.wait(120)
+
+    try:
+        status = await asyncio.to_thread(run)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(leader)
+    text = out.decode(errors="replace")
+    assert status == 0, text
+    assert "2/2" in text and "pkg" in text and "\r" in text  # tqdm redraws its bar in place
+    assert "fetched cp-base" not in text  # no per-file lines on a terminal
+    assert "2 packages: 2 fetched" in text

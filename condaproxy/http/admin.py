@@ -7,9 +7,11 @@ with the client's address and the path, never with what it offered.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -93,16 +95,20 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _admin(handler: Any) -> Any:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
+Endpoint = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _admin(handler: Endpoint) -> Endpoint:
+    """The token is checked before the handler reads any byte of the body."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.Response:
         try:
             _authorize(request)
-            response: web.StreamResponse = await handler(request)
-            return response
+            return await handler(request)
         except _Refused as refused:
             return refused.response
 
-    wrapped.__doc__ = handler.__doc__
     return wrapped
 
 
