@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from channel import Channel
-from proxy import Proxy
+from proxy import Proxy, make_config
 from upstream import FakeUpstream
 
 IN_CI = os.environ.get("CI") == "true"
@@ -36,9 +38,22 @@ def chromium() -> str:
     pytest.skip("chromium is not installed")
 
 
+@pytest.fixture
+async def patient_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Proxy]:
+    """A proxy whose upstream may stall as long as the browser takes (a loaded machine is slow)."""
+    config = make_config(tmp_path / "cache", upstream.url)
+    config = replace(config, upstream=replace(config.upstream, read_timeout=120.0))
+    proxy = await Proxy(config).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
 async def test_status_page_in_a_browser_during_a_download(
-    proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+    patient_proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
 ) -> None:
+    proxy = patient_proxy
     executable = chromium()
     if IN_CI:
         from playwright import async_api  # a failure, not a skip, under CI
@@ -64,9 +79,10 @@ async def test_status_page_in_a_browser_during_a_download(
             assert response is not None and response.status == 200
             text = await page.inner_text("main")
             assert "Downloads in flight" in text and big.filename in text
-            row = await page.inner_text(f"tr:has-text('{big.filename}')")
+            inflight = f"h2:has-text('Downloads in flight') + table tr:has-text('{big.filename}')"
+            row = await page.inner_text(inflight)
             assert "streaming" in row and "of 6.0 MiB" in row  # bytes done of the whole
-            cells = await page.locator(f"tr:has-text('{big.filename}') td").all_inner_texts()
+            cells = await page.locator(f"{inflight} td").all_inner_texts()
             assert cells[4] == "1"  # one client attached
             assert "testchan" in await page.inner_text("h2:has-text('Channels') + table")
             assert "repodata.json" in await page.inner_text("h2:has-text('Repodata') + table")
