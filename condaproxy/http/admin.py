@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from condaproxy.cache.removal import remove_unit
 from condaproxy.conda.lockfiles import Lockfile, LockfileError, parse
 from condaproxy.conda.paths import Rejection, parse_path
 from condaproxy.config.model import is_channel_name
@@ -148,10 +149,8 @@ async def invalidate(request: web.Request) -> web.Response:
     parsed = parse_path("/" + target.strip("/"))
     assert not isinstance(parsed, Rejection)
     key = parsed.key
-    found = await svc.catalog.get(key) is not None
-    orphan = await svc.catalog.remove(key)
-    if orphan is not None:
-        await svc.store.delete(orphan)
+    unit = await svc.catalog.get(key)
+    found = unit is not None and await remove_unit(svc.catalog, svc.store, key, unit.blob_key)
     log.info("admin: %s dropped %s (%s)", request[CLIENT], key, "was cached" if found else "was not cached")
     return _ok({"target": target, "dropped": found})
 
@@ -223,14 +222,10 @@ async def gc(request: web.Request) -> web.Response:
             "units": result.units,
             "freed": result.freed,
             "size": result.size,
+            "catalog": result.catalog,
             "max_size": svc.config.cache.max_size,
         }
     )
-
-
-async def absent(request: web.Request) -> web.Response:
-    """Any other /_admin/ request."""
-    return problem(404, "no such admin endpoint")
 
 
 def add_routes(app: web.Application) -> None:

@@ -30,6 +30,7 @@ RECENT = 50
 class _CatalogView:
     at: float
     size: int
+    catalog: int
     units: int
     channels: list[ChannelSummary]
     metadata: list[MetadataRow]
@@ -43,6 +44,7 @@ async def _catalog_view(svc: Services, ops: Operations) -> _CatalogView:
             view = _CatalogView(
                 time.monotonic(),
                 await cat.stored_size(),
+                await cat.catalog_size(),
                 await cat.unit_count(),
                 await cat.channel_summaries(),
                 await cat.metadata_rows(),
@@ -152,7 +154,9 @@ async def snapshot(svc: Services, ops: Operations) -> dict[str, Any]:
             "workers": svc.config.cache.persist_workers,
         },
         "store": {
-            "size": view.size,
+            "size": view.size + view.catalog,  # max_size holds blobs and catalog together
+            "blobs": view.size,
+            "catalog": view.catalog,
             "max_size": svc.config.cache.max_size,
             "units": view.units,
             "evicted_units": evictor.evicted_units,

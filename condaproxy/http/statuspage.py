@@ -144,7 +144,8 @@ def _store(snap: dict[str, Any]) -> str:
     p = snap["persist"]
     return (
         "<table><tbody>"
-        f"<tr><th>size</th><td>{esc(size(st['size']))} of {esc(limit)}{esc(used)}</td></tr>"
+        f"<tr><th>size</th><td>{esc(size(st['size']))} of {esc(limit)}{esc(used)} <span class=muted>"
+        f"(files {esc(size(st['blobs']))}, catalog {esc(size(st['catalog']))})</span></td></tr>"
         f"<tr><th>units</th><td>{esc(st['units'])}</td></tr>"
         f"<tr><th>evicted since start</th><td>{esc(st['evicted_units'])} units, "
         f"{esc(size(st['evicted_bytes']))}</td></tr>"

@@ -15,6 +15,7 @@ from condaproxy.cache.evict import Evictor
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.ownership import served
 from condaproxy.cache.pins import RuntimePins
+from condaproxy.cache.removal import remove_unit
 from condaproxy.conda.paths import Rejection, parse_path
 from condaproxy.config.model import Config
 from condaproxy.http.admin import split_target
@@ -43,7 +44,7 @@ async def stats(config: Config, url: str, *, as_json: bool) -> int:
     """Units, bytes and hit ratios per channel."""
     async with _catalog(config) as catalog:
         channels = await catalog.channel_summaries()
-        total = await catalog.stored_size()
+        total = await catalog.stored_size() + await catalog.catalog_size()
         units = await catalog.unit_count()
     live = await fetch_status(url) if await _served(config) else None
     by_name = {c["name"]: c for c in (live or {}).get("channels", [])}
@@ -100,7 +101,7 @@ async def gc(config: Config, url: str, *, dry_run: bool, token_file: str | None)
     verb = "would evict" if dry_run else "evicted"
     if await _served(config):
         answer = await admin_post(url, admin_token(config, token_file), "gc", {"dry_run": dry_run})
-        units, freed, now = answer["units"], answer["freed"], answer["size"]
+        units, freed, now = answer["units"], answer["freed"], answer["size"] + answer["catalog"]
     else:
         directory = config.cache.directory
         async with _catalog(config) as catalog:
@@ -109,7 +110,7 @@ async def gc(config: Config, url: str, *, dry_run: bool, token_file: str | None)
             await RuntimePins(directory, evictor).load()
             result = await evictor.run_once(dry_run=dry_run)
             await store.close()
-        units, freed, now = result.units, result.freed, result.size
+        units, freed, now = result.units, result.freed, result.size + result.catalog
     print(f"{verb} {units} units, {size(freed)}; cache {'would be' if dry_run else 'is'} {size(now)}")
     print(f"(max_size {size(config.cache.max_size)})")
     return 0
@@ -132,10 +133,9 @@ async def invalidate(config: Config, url: str, target: str, *, token_file: str |
             else:
                 parsed = parse_path("/" + target.strip("/"))
                 assert not isinstance(parsed, Rejection)
-                dropped = await catalog.get(parsed.key) is not None
-                orphan = await catalog.remove(parsed.key)
-                if orphan is not None:
-                    await FilesystemStore(config.cache.directory / "blobs").delete(orphan)
+                unit = await catalog.get(parsed.key)
+                store = FilesystemStore(config.cache.directory / "blobs")
+                dropped = unit is not None and await remove_unit(catalog, store, parsed.key, unit.blob_key)
     if count is not None:
         print(f"{target}: {count} cached files marked stale; each is revalidated at its next request")
     else:

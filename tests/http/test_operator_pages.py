@@ -256,7 +256,7 @@ async def test_admin_pin_survives_restart_and_protects_from_gc(
         assert status == 409  # max_size is not set
     finally:
         await proxy.close()
-    config = make_config(tmp_path / "cache", upstream.url, max_size=big.size + 1024)
+    config = make_config(tmp_path / "cache", upstream.url, max_size=big.size + 1024 * 1024)
     config = replace(config, admin=AdminConfig(tmp_path / "admin.token"))
     proxy = await Proxy(config).start()
     try:
@@ -266,7 +266,7 @@ async def test_admin_pin_survives_restart_and_protects_from_gc(
         status, body = await post(proxy, "/_admin/gc", {"dry_run": True})
         assert status == 200
         status, body = await post(proxy, "/_admin/gc", {})
-        assert status == 200 and body["max_size"] == big.size + 1024
+        assert status == 200 and body["max_size"] == big.size + 1024 * 1024
         await proxy.services.catalog.flush_touches()
         cached = {f for _, _, f in check_invariants(proxy.config.cache.directory)}
         assert big.filename in cached  # pinned: kept over max_size

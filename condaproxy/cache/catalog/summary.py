@@ -40,7 +40,7 @@ class SummaryRows(CatalogDB):
 
     async def channel_summaries(self) -> list[ChannelSummary]:
         """Units, bytes and hits per channel, in name order."""
-        rows = await self._execute(
+        rows = await self._read(
             """SELECT channel, COUNT(*) AS units, COALESCE(SUM(size), 0) AS bytes,
                       COALESCE(SUM(hits), 0) AS hits
                FROM units GROUP BY channel ORDER BY channel"""
@@ -50,7 +50,7 @@ class SummaryRows(CatalogDB):
     async def metadata_rows(self, limit: int = 2000) -> list[MetadataRow]:
         """Cached files that change upstream (repodata variants, shard indexes...), by channel and subdir."""
         marks = ",".join("?" * len(_MUTABLE))
-        rows = await self._execute(
+        rows = await self._read(
             f"""SELECT channel, subdir, filename, kind, size, etag, fetched_at, validated_at
                 FROM units WHERE kind IN ({marks}) ORDER BY channel, subdir, filename LIMIT ?""",
             (*_MUTABLE, limit),
@@ -71,11 +71,11 @@ class SummaryRows(CatalogDB):
 
     async def ping(self) -> None:
         """A trivial query: raises if the catalog does not answer."""
-        await self._execute("SELECT 1")
+        await self._read("SELECT 1")
 
     async def unit_count(self) -> int:
         """Complete units in the catalog."""
-        rows = await self._execute("SELECT COUNT(*) AS n FROM units")
+        rows = await self._read("SELECT COUNT(*) AS n FROM units")
         return int(rows[0]["n"])
 
     async def invalidate(self, channel: str, subdir: str | None = None) -> int:
@@ -83,13 +83,18 @@ class SummaryRows(CatalogDB):
 
         Returns how many rows were marked. Packages and shards never change, so they are untouched.
         """
-        for key in [k for k in self._rows if k.channel == channel and (subdir is None or k.subdir == subdir)]:
-            if not key.kind.immutable:
-                del self._rows[key]
         marks = ",".join("?" * len(_MUTABLE))
         where = "channel=?" + (" AND subdir=?" if subdir is not None else "")
         params = (channel, *(() if subdir is None else (subdir,)), *_MUTABLE)
-        rows = await self._write(
-            f"UPDATE units SET validated_at=0 WHERE {where} AND kind IN ({marks}) RETURNING filename", params
-        )
+        try:
+            async with self.transaction() as tx:
+                rows = await tx.execute(
+                    f"UPDATE units SET validated_at=0 WHERE {where} AND kind IN ({marks}) RETURNING filename",
+                    params,
+                )
+        finally:
+            # After the write: a look-up racing it must not leave the old row cached.
+            for key in [k for k in self._rows if k.channel == channel and subdir in (None, k.subdir)]:
+                if not key.kind.immutable:
+                    del self._rows[key]
         return len(rows)
