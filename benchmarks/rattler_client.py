@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,11 +39,13 @@ async def install(channel_url: str, work: Path) -> dict[str, object]:
     return {"seconds": seconds, "installed": installed}
 
 
-def main() -> int:
+def main() -> None:
     url, work = sys.argv[1], Path(sys.argv[2])
-    print(json.dumps(asyncio.run(install(url, work))))
-    return 0
+    print(json.dumps(asyncio.run(install(url, work))), flush=True)
+    # py-rattler's runtime threads can abort the interpreter's finalization ("PyGILState_Release:
+    # thread state must be current"): the result is out, so leave without finalizing.
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -39,7 +39,7 @@ def cold_collapse(b: Bench, res: ScenarioResult) -> None:
     size = b.chan.file(path).size
     upstream_s = size / (s.upstream_mib * MB) if s.upstream_mib else 0.0
     late_after = max(0.2, upstream_s / 2)
-    cap = 20.0 if s.quick else 60.0  # a peer pacing its fetch by slow readers must not stall the run
+    cap = 20.0 if s.quick else 40.0  # a peer pacing its fetch by slow readers must not stall the run
     res.notes.append(
         f"{s.collapse_early} clients at once + {s.collapse_late} joining {late_after:.2f} s later, "
         f"{size / MB:.0f} MB, origin limit_rate {s.upstream_mib:g} MiB/s per connection and "
