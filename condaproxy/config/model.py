@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,9 @@ from condaproxy.config.tls import TlsIdentity
 _CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)*")
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def default_cache_dir() -> Path:
     return Path(platformdirs.user_data_dir("condaproxy"))
 
@@ -40,6 +44,9 @@ class LazyConfig:
     max_cold_per_client: int = 64
     # Bytes of small blobs (shards, small packages) kept in memory for hits; 0: none.
     hot_cache: int = 64 * 1024 * 1024
+    # Front proxies whose X-Forwarded-For / Forwarded name the client (addresses or networks).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    public_url: str | None = None  # what clients use to reach the proxy, for the /_setup page
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,21 @@ UNLISTED_KEPT = 1024
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where log lines go and how they look."""
+
+    format: str = "text"  # "text" or "json"
+    access_log: Path | None = None  # None: stderr, with the other logs
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin API: it exists only when a token file is configured."""
+
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; build it with load_config() or default_config()."""
 
@@ -137,6 +159,8 @@ class Config:
     channels: Mapping[str, ChannelConfig] = field(default_factory=lambda: MappingProxyType({}))
     source: Path | None = None
     rules: tuple[Rule, ...] = ()  # [policy] and [policy:NAME]: hide and deny rules
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     # Unlisted channels' sections, made once per name rather than per request (bounded: names
     # come from clients).
     _unlisted: LRUCache[str, ChannelConfig] = field(
