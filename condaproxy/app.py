@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from condaproxy.cache.adopt import Adopter
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.derive import Deriver
 from condaproxy.cache.download import Fetcher
@@ -28,7 +29,10 @@ from condaproxy.http.handlers import handle
 from condaproxy.http.probes import healthz, metrics_view
 from condaproxy.http.services import SERVICES, Services
 from condaproxy.metrics import Metrics
+from condaproxy.store.blobstore import BlobStore
 from condaproxy.store.filesystem import FilesystemStore
+from condaproxy.store.local_cache import LocalCachedStore
+from condaproxy.store.s3 import S3Settings, S3Store
 from condaproxy.upstream.admission import ClientAuth
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: root.mkdir(parents=True, exist_ok=True))
     await loop.run_in_executor(None, reset_temp_dir, temp)
-    store = FilesystemStore(root / "blobs")
+    store = await open_store(config)
     catalog = await Catalog.open(root / "catalog.sqlite3")
     await sweep(catalog, store)
     metrics = Metrics()
@@ -55,13 +59,24 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     from condaproxy.upstream.client import Upstream
 
     upstream = Upstream()
-    persist = PersistQueue(store, catalog, metrics, config.cache.persist_workers)
+    persist = PersistQueue(
+        store,
+        catalog,
+        metrics,
+        config.cache.persist_workers,
+        # S3 can be down while the proxy is up: refused persists wait there and are tried again.
+        backlog_dir=temp / "backlog" if store.shared else None,
+        backlog_limit=config.store.persist_backlog,
+        retry_max=config.store.persist_retry_max,
+    )
     inflight = InflightTable(temp)
     fetcher = Fetcher(
         config=config, catalog=catalog, upstream=upstream, persist=persist, inflight=inflight, metrics=metrics
     )
     resolver = DigestResolver(catalog, store, fetcher, temp)
     fetcher.expected = resolver
+    if store.shared:  # other nodes' objects are found in the bucket before the upstream is asked
+        fetcher.adopter = Adopter(catalog, store, metrics, resolver)
     fetcher.deriver = Deriver(
         lambda key, channel: fetcher.ensure(key, channel, derive=False), catalog, persist, resolver.blob_file
     )
@@ -89,6 +104,40 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await upstream.close()
         await catalog.close()
         await store.close()
+
+
+def s3_settings(config: Config) -> S3Settings:
+    """The S3 client's settings from [store]; its pool is kept above persist and read concurrency."""
+    sc = config.store
+    uploads = config.cache.persist_workers * sc.part_concurrency
+    return S3Settings(
+        bucket=sc.bucket,
+        prefix=sc.prefix,
+        endpoint_url=sc.endpoint_url,
+        region=sc.region,
+        addressing_style=sc.addressing_style,
+        connect_timeout=sc.connect_timeout,
+        read_timeout=sc.read_timeout,
+        multipart_threshold=sc.part_size,
+        part_size=sc.part_size,
+        part_concurrency=sc.part_concurrency,
+        max_connections=max(sc.max_connections, uploads + 32),
+    )
+
+
+async def open_store(config: Config) -> BlobStore:
+    """The configured blob store, ready to use (S3: no request is sent yet)."""
+    root = config.cache.directory
+    if not config.store.s3:
+        return FilesystemStore(root / "blobs")
+    remote = await S3Store(s3_settings(config)).open()
+    if not config.store.local_cache:
+        return remote
+    try:
+        return await LocalCachedStore(remote, root / "s3-cache", config.store.local_cache).open()
+    except BaseException:
+        await remote.close()
+        raise
 
 
 CONFIG = web.AppKey("config", Config)

@@ -81,3 +81,17 @@ class CatalogBusy(CondaproxyError):
     """SQLite stayed locked beyond its timeout."""
 
     status = 503
+
+
+class StoreError(CondaproxyError):
+    """The blob store failed an operation; not worth retrying as it is (see StoreUnavailable)."""
+
+    status = 503
+
+
+class StoreUnavailable(StoreError):
+    """The blob store (S3) could not be reached, stalled or answered with an error: try later."""
+
+
+class BlobDamaged(StoreError):
+    """A stored blob is missing or not the size its catalog row says: drop the row, fetch again."""

@@ -16,6 +16,8 @@ import aiohttp
 from cachetools import TTLCache
 
 from condaproxy.cache import altsource, learning
+from condaproxy.cache.adopt import Adopter
+from condaproxy.cache.backlog import Deferred
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.derive import Deriver
 from condaproxy.cache.freshness import Verdict, verdict
@@ -62,6 +64,7 @@ class Fetcher:
         self.metrics = metrics
         self.expected: ExpectedLookup | None = None  # set by the app (expected.DigestResolver)
         self.deriver: Deriver | None = None  # set by the app
+        self.adopter: Adopter | None = None  # set by the app when the store is shared
         self._receiver = Receiver(catalog, metrics, self._failed)
         # Upstream 404s are remembered briefly, never for long (the file may appear soon).
         self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
@@ -122,6 +125,8 @@ class Fetcher:
             await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"))
             return
         url = await self._url(channel, key)
+        if cached is None and self.adopter is not None and await self.adopter.adopt(dl, channel, url):
+            return  # another node stored it in the shared bucket: no upstream fetch
         validators = Validators(cached.etag, cached.last_modified) if cached else None
         try:
             if (missing := self.not_found.get(key)) is not None:
@@ -161,6 +166,8 @@ class Fetcher:
         key = unit.key
         try:
             await self.persist.persist(unit, dl.temp_path)
+        except Deferred:
+            pass  # the backlog stores it once the store is back; learn from the bytes now
         except Exception:
             return  # counted and logged by the persist queue; the client already has its bytes
         if key.kind is Kind.REPODATA and (cached is None or cached.blob_key != unit.blob_key):

@@ -53,6 +53,7 @@ class Download:
         self.published = 0
         self.sha256: str | None = None
         self.subscribers = 0
+        self.adopted = False  # NOT_MODIFIED because another node had stored it (cache/adopt.py)
         self.ended = False  # the task is over; the temp file goes when the last reader leaves
         # Set when the cache disk refused the temp file (full, say): the bytes from there on
         # live only in memory, so only readers attached now can be served; new ones are refused.

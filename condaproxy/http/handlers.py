@@ -100,8 +100,17 @@ async def _serve(
     if state is State.NOT_MODIFIED:
         fresh = await svc.catalog.get(key)
         if fresh is not None:
-            served = await serve_unit(request, svc, fresh, "REVALIDATED", channel)
+            served = await serve_unit(request, svc, fresh, "HIT" if dl.adopted else "REVALIDATED", channel)
             if served is not None:
                 return served
-        return text(502, "cached copy vanished during revalidation")
+        if not svc.store.shared:
+            return text(502, "cached copy vanished during revalidation")
+        # The shared store could not serve what it holds (S3 down or slow): fetch it whole.
+        try:
+            dl = svc.inflight.get(key) or svc.fetcher.start(key, channel, None)
+            if await dl.wait_head() is State.NOT_MODIFIED:
+                return text(502, "the store cannot serve its copy and the upstream sent none")
+        except CondaproxyError as exc:
+            return text(exc.status, str(exc))
+        xcache = "MISS"
     return await stream(request, svc, dl, xcache)
