@@ -166,6 +166,7 @@ class PersistBacklog:
     async def _forget(self, entry: _Entry) -> None:
         if self._entries.get(entry.unit.key) is entry:
             del self._entries[entry.unit.key]
+            self._metrics.persist_backlog.set(len(self._entries))
         await asyncio.get_running_loop().run_in_executor(None, lambda: entry.path.unlink(missing_ok=True))
 
     def retry_now(self) -> None:

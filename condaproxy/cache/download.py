@@ -76,11 +76,18 @@ class Fetcher:
         )
 
     def start(
-        self, key: UnitKey, channel: ChannelConfig, cached: Unit | None, *, derive: bool = True
+        self,
+        key: UnitKey,
+        channel: ChannelConfig,
+        cached: Unit | None,
+        *,
+        derive: bool = True,
+        adopt: bool = True,
     ) -> Download:
         """Start the one download of key (the caller checked none is in flight).
 
         derive=False: never make a missing variant from a sibling (used for derivation sources).
+        adopt=False: never take it from the shared store (which just failed to serve it).
         """
         derivable = derive and bool(variants.sources(key.filename))
         if (err := self.not_found.get(key)) is not None and cached is None and not derivable:
@@ -88,7 +95,7 @@ class Fetcher:
         if (bad := self.cooldown.get(key)) is not None:
             raise bad
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
-        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable))
+        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable, adopt))
 
     async def ensure(self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True) -> Unit | None:
         """The unit, complete in the store and fresh, fetching it if need be; None if unavailable.
@@ -116,7 +123,9 @@ class Fetcher:
         """Record the package digests that a repodata file or shard at path states."""
         await self._learn(key, path)
 
-    async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool) -> None:
+    async def _run(
+        self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool, adopt: bool = True
+    ) -> None:
         key = dl.key
         if key.kind is Kind.PACKAGE and await altsource.serve(dl, channel, self.expected, self.persist):
             return  # a verified copy from the channel's alternate source: no upstream fetch
@@ -125,7 +134,12 @@ class Fetcher:
             await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"))
             return
         url = await self._url(channel, key)
-        if cached is None and self.adopter is not None and await self.adopter.adopt(dl, channel, url):
+        if (
+            adopt
+            and cached is None
+            and self.adopter is not None
+            and await self.adopter.adopt(dl, channel, url)
+        ):
             return  # another node stored it in the shared bucket: no upstream fetch
         validators = Validators(cached.etag, cached.last_modified) if cached else None
         try:

@@ -54,6 +54,7 @@ async def _serve(
 ) -> web.StreamResponse:
     now = time.time()
     unit: Unit | None = None
+    failed_hit = False
     dl = svc.inflight.get(key)
     xcache = "COLLAPSED"
     if dl is None or dl.state is State.NOT_MODIFIED:
@@ -63,7 +64,8 @@ async def _serve(
             served = await serve_unit(request, svc, unit, "HIT", channel)
             if served is not None:
                 return served
-            unit = None  # the blob went missing or changed size: fetch it again
+            unit = None  # the blob went missing or changed size, or S3 failed: fetch it again
+            failed_hit = True
         elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
             if svc.inflight.get(key) is None:
                 with contextlib.suppress(CondaproxyError):
@@ -72,11 +74,13 @@ async def _serve(
             if served is not None:
                 return served
             unit = None
+            failed_hit = True
         # Re-check after the await: another request may have started the fetch meanwhile.
         dl = svc.inflight.get(key)
         if dl is None:
             try:
-                dl = svc.fetcher.start(key, channel, unit)
+                # After a failed hit, from the upstream: the store just failed to serve this.
+                dl = svc.fetcher.start(key, channel, unit, adopt=not failed_hit)
             except CondaproxyError as exc:
                 return text(exc.status, str(exc))
             xcache = "MISS"
@@ -107,7 +111,7 @@ async def _serve(
             return text(502, "cached copy vanished during revalidation")
         # The shared store could not serve what it holds (S3 down or slow): fetch it whole.
         try:
-            dl = svc.inflight.get(key) or svc.fetcher.start(key, channel, None)
+            dl = svc.inflight.get(key) or svc.fetcher.start(key, channel, None, adopt=False)
             if await dl.wait_head() is State.NOT_MODIFIED:
                 return text(502, "the store cannot serve its copy and the upstream sent none")
         except CondaproxyError as exc:
