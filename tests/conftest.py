@@ -86,6 +86,17 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def moto_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A moto_server that checks credentials: the keys the tests use are unknown to it."""
+    log = tmp_path_factory.mktemp("moto-auth") / "moto.log"
+    server = MotoServer(log, env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Credentials in the environment (the standard AWS chain), as a deployment would have them."""

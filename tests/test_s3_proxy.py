@@ -184,6 +184,21 @@ async def test_s3_down_at_read_falls_back_to_upstream(
     await proxy.idle()
 
 
+async def test_s3_breaking_midway_is_resumed_or_aborted(
+    s3proxy: Factory, s3faults: S3FaultProxy, bucket: str, channel: Channel
+) -> None:
+    proxy = await s3proxy(s3faults.url, bucket)
+    path, data, _ = pkg_path(channel, "cp-data")
+    await proxy.get(path)
+    await proxy.idle()
+    s3faults.add("truncate", "GetObject", at=100_000)  # once: resumed with a ranged GET
+    hit = await proxy.get(path)
+    assert (hit.status, hit.xcache, hit.body, hit.error) == (200, "HIT", data, None)
+    s3faults.add("truncate", "GetObject", at=100_000, times=None)  # for good: never a short clean body
+    broken = await proxy.get(path)
+    assert broken.status == 200 and broken.error is not None and len(broken.body) < len(data)
+
+
 async def test_local_cache_hits_cost_no_s3_request(
     s3proxy: Factory, s3faults: S3FaultProxy, bucket: str, upstream: FakeUpstream, channel: Channel
 ) -> None:
@@ -298,6 +313,21 @@ async def test_missing_bucket_keeps_serving_from_upstream(
     assert await row(proxy, path) is None
     assert await metric(proxy, "condaproxy_persist_failures_total") >= 2
     assert upstream.count(path) == 2
+
+
+async def test_bad_credentials_keep_serving_from_upstream(
+    s3proxy: Factory, moto_with_auth: MotoServer, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    proxy = await s3proxy(moto_with_auth.url, "any-bucket")
+    path, data, _ = pkg_path(channel, "cp-data")
+    for _ in range(2):
+        got = await proxy.get(path)
+        assert (got.status, got.body) == (200, data)
+        await proxy.idle()
+    assert await metric(proxy, "condaproxy_persist_failures_total") >= 2
+    assert upstream.count(path) == 2
+    refused = check_config(tmp_path, moto_with_auth.url, "any-bucket", {**os.environ, **AWS_ENV})
+    assert refused.returncode == 1 and "access denied" in refused.stderr
 
 
 async def test_backlog_is_bounded(

@@ -229,19 +229,23 @@ async def test_check_without_credentials(
     assert problem is not None and "no credentials" in problem
 
 
-@pytest.fixture(scope="module")
-def moto_with_auth(tmp_path_factory: pytest.TempPathFactory):
-    """A moto_server that checks credentials: the keys the tests use are unknown to it."""
-    server = MotoServer(
-        tmp_path_factory.mktemp("moto-auth") / "moto.log", env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    )
-    server.start()
-    yield server
-    server.stop()
-
-
 async def test_check_with_bad_credentials(open_store, moto_with_auth: MotoServer) -> None:
     problem = await (await open_store(moto_with_auth.url, "any-bucket")).check()
     assert problem is not None and "access denied" in problem
     assert "testing" not in problem  # never a credential in a message
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in problem
+
+
+async def test_connection_resets_are_retried(
+    open_store, s3faults: S3FaultProxy, bucket: str, tmp_path: Path
+) -> None:
+    store = await open_store(s3faults.url, bucket)
+    key, path, data = blob(tmp_path, 50_000)
+    s3faults.add("reset", "PutObject")
+    await store.put(key, path)
+    assert s3faults.count("PutObject") == 2
+    s3faults.add("reset", "GetObject")
+    assert await read_all(store, key, 0, len(data)) == data
+    s3faults.add("reset", "GetObject", times=None)
+    with pytest.raises(StoreUnavailable):
+        await read_all(store, key, 0, len(data))
