@@ -32,7 +32,8 @@ from condaproxy.metrics import Metrics
 from condaproxy.store.blobstore import BlobStore
 from condaproxy.store.filesystem import FilesystemStore
 from condaproxy.store.local_cache import LocalCachedStore
-from condaproxy.store.s3 import S3Settings, S3Store
+from condaproxy.store.s3 import S3Store
+from condaproxy.store.s3_client import S3Settings
 from condaproxy.upstream.admission import ClientAuth
 
 log = logging.getLogger(__name__)

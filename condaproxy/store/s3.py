@@ -22,17 +22,22 @@ import os
 import re
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import ClientError
 
 from condaproxy.errors import BlobDamaged, StoreError, StoreUnavailable
 from condaproxy.store.blobstore import check_key
+from condaproxy.store.s3_client import (
+    TRANSPORT_ERRORS,
+    MiB,
+    S3Settings,
+    create_client,
+    describe,
+    status_of,
+    unavailable,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -40,64 +45,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3's smallest part but the last
 MAX_PARTS = 10_000
 READ_CHUNK = 256 * 1024
 RESUMES = 2  # a GET broken midway is resumed from where it broke this many times
 CONFLICT_ATTEMPTS = 3  # 409 ConditionalRequestConflict: a concurrent conditional write; try again
 _CONTENT_RANGE = re.compile(r"bytes \d+-\d+/(\d+)")
-# Where transport failures surface: botocore's own errors, and aiohttp's while a body streams.
-_TRANSPORT = (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where the bucket is and how to talk to it; credentials come from the AWS chain only."""
-
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
-    region: str | None = None
-    addressing_style: str = "auto"
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    multipart_threshold: int = 16 * MiB  # larger blobs go up in parts
-    part_size: int = 16 * MiB
-    part_concurrency: int = 4  # parts in flight (and in memory) per upload
-    max_connections: int = 64  # botocore's pool: above persist x parts + concurrent reads
-
-
-def describe(exc: BaseException) -> str:
-    """What went wrong, in words an operator can act on; never a credential."""
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return "no credentials (looked in the environment, the shared profile and the instance/pod role)"
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and status == 404):
-            return "no such bucket"
-        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-            return f"access denied ({code or status})"
-        return f"S3 answered {status} {code}".strip()
-    if isinstance(exc, BotoCoreError):
-        name = type(exc).__name__
-        if "Endpoint" in name or "Connect" in name:
-            return f"endpoint unreachable ({name})"
-        return f"S3 request failed ({name})"
-    if isinstance(exc, TimeoutError):
-        return "S3 did not answer in time"
-    return f"S3 request failed ({type(exc).__name__})"
-
-
-def _status(exc: ClientError) -> int | None:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return int(status) if status is not None else None
-
-
-def _unavailable(what: str, exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"S3 {what}: {describe(exc)}")
 
 
 def _read_and_hash(path: Path) -> tuple[bytes, str]:
@@ -130,25 +83,7 @@ class S3Store:
 
     async def open(self) -> S3Store:
         """Create the client (no request is sent yet)."""
-        s = self.settings
-        config = AioConfig(
-            signature_version="s3v4",
-            s3={"addressing_style": s.addressing_style},
-            # botocore >= 1.36 adds CRC checksums to every request by default, which MinIO, Ceph
-            # and other S3 lookalikes refuse: send checksums only where asked (ChecksumSHA256).
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            max_pool_connections=s.max_connections,
-            connect_timeout=s.connect_timeout,
-            read_timeout=s.read_timeout,
-            # Our own layers retry (the persist backlog, resumed reads, the upstream fallback):
-            # one quick retry here, not botocore's default five with backoff.
-            retries={"total_max_attempts": 2, "mode": "standard"},
-        )
-        client = get_session().create_client(
-            "s3", region_name=s.region or "us-east-1", endpoint_url=s.endpoint_url, config=config
-        )
-        self._client = await self._stack.enter_async_context(client)
+        self._client = await self._stack.enter_async_context(create_client(self.settings))
         return self
 
     @property
@@ -191,7 +126,7 @@ class S3Store:
                 )
                 return
             except ClientError as exc:
-                status = _status(exc)
+                status = status_of(exc)
                 if status == 412:
                     if await self._already_there(key, size):
                         return
@@ -199,9 +134,9 @@ class S3Store:
                     return
                 if status == 409 and attempt < CONFLICT_ATTEMPTS:
                     continue
-                raise _unavailable(f"PUT {key}", exc) from None
-            except _TRANSPORT as exc:
-                raise _unavailable(f"PUT {key}", exc) from None
+                raise unavailable(f"PUT {key}", exc) from None
+            except TRANSPORT_ERRORS as exc:
+                raise unavailable(f"PUT {key}", exc) from None
 
     async def _already_there(self, key: str, size: int) -> bool:
         """After a 412: True when the existing object is ours (content-addressed, right size)."""
@@ -223,8 +158,8 @@ class S3Store:
                 ContentType="application/octet-stream",
                 ChecksumSHA256=checksum,
             )
-        except (ClientError, *_TRANSPORT) as exc:
-            raise _unavailable(f"PUT {key}", exc) from None
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
+            raise unavailable(f"PUT {key}", exc) from None
 
     async def _put_multipart(self, key: str, src: Path, size: int) -> None:
         s = self.settings
@@ -234,8 +169,8 @@ class S3Store:
             created = await self.client.create_multipart_upload(
                 Bucket=s.bucket, Key=object_key, ContentType="application/octet-stream"
             )
-        except (ClientError, *_TRANSPORT) as exc:
-            raise _unavailable(f"multipart upload of {key}", exc) from None
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
+            raise unavailable(f"multipart upload of {key}", exc) from None
         upload_id = created["UploadId"]
         try:
             parts = await self._upload_parts(key, upload_id, src, size, part_size)
@@ -250,7 +185,7 @@ class S3Store:
                     )
                     return
                 except ClientError as exc:
-                    status = _status(exc)
+                    status = status_of(exc)
                     if status == 412 and await self._already_there(key, size):
                         await self._abort(key, upload_id)
                         return
@@ -265,9 +200,9 @@ class S3Store:
                         )
                         return
                     raise
-        except (ClientError, *_TRANSPORT) as exc:
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
             await asyncio.shield(self._abort(key, upload_id))
-            raise _unavailable(f"multipart upload of {key}", exc) from None
+            raise unavailable(f"multipart upload of {key}", exc) from None
         except BaseException:
             # Cancelled, or the bytes did not hash to the key: nothing may be completed.
             await asyncio.shield(self._abort(key, upload_id))
@@ -329,7 +264,7 @@ class S3Store:
             await self.client.abort_multipart_upload(
                 Bucket=self.settings.bucket, Key=self.object_key(key), UploadId=upload_id
             )
-        except (ClientError, *_TRANSPORT) as exc:
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
             # The bucket's AbortIncompleteMultipartUpload lifecycle rule removes the parts later.
             log.warning("could not abort the multipart upload of %s: %s", key, describe(exc))
 
@@ -344,11 +279,11 @@ class S3Store:
         try:
             head = await self.client.head_object(Bucket=self.settings.bucket, Key=self.object_key(key))
         except ClientError as exc:
-            if _status(exc) == 404:
+            if status_of(exc) == 404:
                 return None
-            raise _unavailable(f"HEAD {key}", exc) from None
-        except _TRANSPORT as exc:
-            raise _unavailable(f"HEAD {key}", exc) from None
+            raise unavailable(f"HEAD {key}", exc) from None
+        except TRANSPORT_ERRORS as exc:
+            raise unavailable(f"HEAD {key}", exc) from None
         return int(head["ContentLength"])
 
     def local_path(self, key: str) -> Path | None:
@@ -366,8 +301,8 @@ class S3Store:
                 Params={"Bucket": self.settings.bucket, "Key": self.object_key(key)},
                 ExpiresIn=ttl,
             )
-        except (ClientError, *_TRANSPORT) as exc:
-            raise _unavailable(f"presign {key}", exc) from None
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
+            raise unavailable(f"presign {key}", exc) from None
 
     async def read(
         self, key: str, offset: int, count: int, *, size: int | None = None
@@ -384,11 +319,11 @@ class S3Store:
                     Range=f"bytes={position}-{end - 1}",
                 )
             except ClientError as exc:
-                if _status(exc) in (404, 416):
+                if status_of(exc) in (404, 416):
                     raise BlobDamaged(f"blob {key} is missing or shorter than its row says") from None
-                raise _unavailable(f"GET {key}", exc) from None
-            except _TRANSPORT as exc:
-                raise _unavailable(f"GET {key}", exc) from None
+                raise unavailable(f"GET {key}", exc) from None
+            except TRANSPORT_ERRORS as exc:
+                raise unavailable(f"GET {key}", exc) from None
             body = resp["Body"]
             try:  # the body is released whatever happens, also when the reader stops early
                 total = _CONTENT_RANGE.fullmatch(resp.get("ContentRange", ""))
@@ -401,10 +336,10 @@ class S3Store:
                             break
                         position += len(chunk)
                         yield chunk
-                except _TRANSPORT as exc:
+                except TRANSPORT_ERRORS as exc:
                     resumes += 1
                     if resumes > RESUMES:
-                        raise _unavailable(f"GET {key}", exc) from None
+                        raise unavailable(f"GET {key}", exc) from None
                     log.info("GET %s broke at byte %d (%s); resuming", key, position, describe(exc))
                     continue
                 if position < end:
@@ -425,8 +360,8 @@ class S3Store:
                     name = item.get("Key", "").rsplit("/", 1)[-1]
                     with contextlib.suppress(ValueError):
                         yield check_key(name)
-        except (ClientError, *_TRANSPORT) as exc:
-            raise _unavailable("LIST", exc) from None
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
+            raise unavailable("LIST", exc) from None
 
     async def remove_partials(self) -> list[str]:
         """Nothing: S3 has no half-made objects (stray multipart parts are the lifecycle rule's)."""
@@ -445,7 +380,7 @@ class S3Store:
             await self.client.put_object(Bucket=s.bucket, Key=probe, Body=b"condaproxy write probe")
             step = "delete the write probe"
             await self.client.delete_object(Bucket=s.bucket, Key=probe)
-        except (ClientError, *_TRANSPORT) as exc:
+        except (ClientError, *TRANSPORT_ERRORS) as exc:
             return f"cannot {step} s3://{s.bucket}/{s.prefix}: {describe(exc)}"
         return None
 

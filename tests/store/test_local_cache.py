@@ -10,7 +10,8 @@ import pytest
 from s3 import MotoServer
 
 from condaproxy.store.local_cache import LocalCachedStore
-from condaproxy.store.s3 import S3Settings, S3Store
+from condaproxy.store.s3 import S3Store
+from condaproxy.store.s3_client import S3Settings
 
 
 def blob(tmp_path: Path, size: int, seed: int) -> tuple[str, Path]:

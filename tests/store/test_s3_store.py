@@ -14,7 +14,8 @@ import pytest
 from s3 import MotoServer, S3FaultProxy, object_bytes, object_keys, pending_uploads
 
 from condaproxy.errors import BlobDamaged, StoreError, StoreUnavailable
-from condaproxy.store.s3 import S3Settings, S3Store
+from condaproxy.store.s3 import S3Store
+from condaproxy.store.s3_client import S3Settings
 
 MiB = 1 << 20
 
