@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -47,13 +48,14 @@ MAX_HEADERS = 100
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config: Config = app[CONFIG]
+    parts = app[PARTS]
     root = config.cache.directory
     temp = root / "tmp"
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: root.mkdir(parents=True, exist_ok=True))
     await loop.run_in_executor(None, reset_temp_dir, temp)
-    store = await open_store(config)
-    catalog = await Catalog.open(root / "catalog.sqlite3")
+    store = await open_store(config, parts.store)
+    catalog = await parts.catalog.open(root / "catalog.sqlite3")
     await sweep(catalog, store)
     metrics = Metrics()
     # Imported here: the upstream session must be created inside the running loop.
@@ -79,7 +81,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     if store.shared:  # other nodes' objects are found in the bucket before the upstream is asked
         fetcher.adopter = Adopter(catalog, store, metrics, resolver)
     fetcher.deriver = Deriver(
-        lambda key, channel: fetcher.ensure(key, channel, derive=False), catalog, persist, resolver.blob_file
+        lambda key, channel: fetcher.obtain(key, channel, derive=False), catalog, persist, resolver.blob_file
     )
     metrics.inflight.set_function(lambda: len(inflight))
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
@@ -94,13 +96,15 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        deadline = app[DEADLINE]
         await scrubber.close()
         await evictor.close()  # first: it must not delete blobs while the rest shuts down
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
-        await inflight.close()
-        await persist.close()
+        # Whatever the shutdown's first step left (downloads started by the last requests).
+        await inflight.close(grace=deadline.left())
+        await persist.close(timeout=deadline.left())
         await auth.close()
         await upstream.close()
         await catalog.close()
@@ -126,11 +130,11 @@ def s3_settings(config: Config) -> S3Settings:
     )
 
 
-async def open_store(config: Config) -> BlobStore:
+async def open_store(config: Config, filesystem: type[FilesystemStore] = FilesystemStore) -> BlobStore:
     """The configured blob store, ready to use (S3: no request is sent yet)."""
     root = config.cache.directory
     if not config.store.s3:
-        return FilesystemStore(root / "blobs")
+        return filesystem(root / "blobs")
     remote = await S3Store(s3_settings(config)).open()
     if not config.store.local_cache:
         return remote
@@ -141,11 +145,51 @@ async def open_store(config: Config) -> BlobStore:
         raise
 
 
+class Deadline:
+    """When a shutdown must be over: shutdown_grace after it begins (systemd kills us after that)."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._at: float | None = None
+
+    def left(self) -> float:
+        """Seconds left; the first call starts the clock."""
+        now = asyncio.get_running_loop().time()
+        if self._at is None:
+            self._at = now + self.grace
+        return max(0.0, self._at - now)
+
+
+async def _stop_downloads(app: web.Application) -> None:
+    """The shutdown's first step, before requests in progress are waited for.
+
+    Downloads still streaming are cancelled, so their clients are cut off at once instead of
+    holding the shutdown for as long as the upstream takes; verified ones finish persisting
+    within half the grace. aiohttp then gives requests a quarter, twice (see run()).
+    """
+    deadline = app[DEADLINE]
+    await app[SERVICES].inflight.close(grace=deadline.left() / 2)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The classes the app makes its catalog and blob store from (tests pass gated subclasses)."""
+
+    catalog: type[Catalog] = Catalog
+    store: type[FilesystemStore] = FilesystemStore
+
+
+DEFAULT_PARTS = Parts()
+
 CONFIG = web.AppKey("config", Config)
+PARTS = web.AppKey("parts", Parts)
+DEADLINE = web.AppKey("deadline", Deadline)
 EVICTOR = web.AppKey("evictor", Evictor)
 
 
-def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web.Application:
+def create_app(
+    config: Config, *, client_timeout: float = CLIENT_TIMEOUT, parts: Parts = DEFAULT_PARTS
+) -> web.Application:
     """Build the streamer application for config; nothing starts until the app runs.
 
     client_timeout bounds both the wait for a complete request head and an idle keep-alive.
@@ -166,7 +210,10 @@ def create_app(config: Config, *, client_timeout: float = CLIENT_TIMEOUT) -> web
         },
     )
     app[CONFIG] = config
+    app[PARTS] = parts
+    app[DEADLINE] = Deadline(config.lazy.shutdown_grace)
     app.cleanup_ctx.append(_services)
+    app.on_shutdown.append(_stop_downloads)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/{tail:.*}", handle)
@@ -190,6 +237,9 @@ def run(config: Config) -> None:
             host=hosts,
             port=port,
             print=None,
+            # aiohttp waits this long for requests in progress, then again once it cancelled
+            # them: half the grace in all, after the downloads were stopped (_stop_downloads).
+            shutdown_timeout=config.lazy.shutdown_grace / 4,
             **server_options(),
         )
     except OSError as exc:

@@ -18,6 +18,8 @@ from proxy import Proxy, make_config
 from s3 import AWS_ENV, MotoServer, S3FaultProxy, create_bucket
 from upstream import FakeUpstream
 
+from condaproxy.app import DEFAULT_PARTS, Parts
+
 CHANNEL_PREFIX = "testchan"
 
 
@@ -46,17 +48,21 @@ async def proxy_factory(
     """Start in-process proxies in front of ``upstream``: ``await proxy_factory(**cache_keys)``.
 
     Keyword arguments override ``[cache]`` keys; ``handler_cancellation`` picks aiohttp's mode
-    (``run_app`` defaults to False, the test server to True: the proxy must be right in both).
+    (``run_app`` defaults to False, the test server to True: the proxy must be right in both);
+    ``parts`` the catalog and store classes (gates.GATED to hold the proxy's own steps).
     """
     started: list[Proxy] = []
 
     async def start(
-        *, handler_cancellation: bool = False, cache_dir: Path | None = None, **cache: Any
+        *,
+        handler_cancellation: bool = False,
+        cache_dir: Path | None = None,
+        parts: Parts = DEFAULT_PARTS,
+        **cache: Any,
     ) -> Proxy:
         directory = cache_dir or tmp_path / f"cache{len(started)}"
-        proxy = Proxy(
-            make_config(directory, upstream.url, **cache), handler_cancellation=handler_cancellation
-        )
+        config = make_config(directory, upstream.url, **cache)
+        proxy = Proxy(config, handler_cancellation=handler_cancellation, parts=parts)
         started.append(proxy)
         return await proxy.start()
 

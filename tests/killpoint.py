@@ -4,6 +4,8 @@
         kill -9 the process at the N-th audit event EVENT whose arguments contain every NEEDLE
     python killpoint.py record LOGFILE -- serve --config FILE
         append the path of every file opened or listed to LOGFILE, one per line
+    python killpoint.py threads EVENT LOGFILE -- serve --config FILE
+        append "THREAD<tab>ARGS" for every audit event EVENT to LOGFILE: which thread did it
 
 Audit events name the steps of a persist without any hook in the proxy's own code: "open" (the
 temp file reopened to fsync it, the blob directory opened to fsync it), "os.link" (the blob
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 
@@ -50,6 +53,16 @@ def _record_hook(logfile: str) -> None:
     sys.addaudithook(hook)
 
 
+def _threads_hook(event: str, logfile: str) -> None:
+    out = open(logfile, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def hook(name: str, args: tuple[Any, ...]) -> None:
+        if name == event:
+            out.write(f"{threading.current_thread().name}\t{args!r}\n")
+
+    sys.addaudithook(hook)
+
+
 def main(argv: list[str]) -> int:
     """Install the hook argv asks for, then run the condaproxy command after '--'."""
     split = argv.index("--")
@@ -59,6 +72,8 @@ def main(argv: list[str]) -> int:
         _kill_hook(event, int(count), needles)
     elif mode == "record":
         _record_hook(spec[0])
+    elif mode == "threads":
+        _threads_hook(spec[0], spec[1])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     from condaproxy.cli import main as cli

@@ -22,7 +22,7 @@ import psutil
 from aiohttp import web
 from multidict import CIMultiDict
 
-from condaproxy.app import create_app, server_options
+from condaproxy.app import DEFAULT_PARTS, Parts, create_app, server_options
 from condaproxy.config.model import CacheConfig, Config, LazyConfig, UpstreamConfig
 from condaproxy.http.services import SERVICES, Services
 
@@ -55,13 +55,18 @@ class Proxy:
     """The proxy app served in this process on 127.0.0.1, on an ephemeral port."""
 
     def __init__(
-        self, config: Config, *, handler_cancellation: bool = False, client_timeout: float | None = None
+        self,
+        config: Config,
+        *,
+        handler_cancellation: bool = False,
+        client_timeout: float | None = None,
+        parts: Parts = DEFAULT_PARTS,
     ) -> None:
         self.config = config
         self.app = (
-            create_app(config)
+            create_app(config, parts=parts)
             if client_timeout is None
-            else create_app(config, client_timeout=client_timeout)
+            else create_app(config, client_timeout=client_timeout, parts=parts)
         )
         self._runner = web.AppRunner(self.app, handler_cancellation=handler_cancellation, **server_options())
         self._port = 0
@@ -108,9 +113,9 @@ class Proxy:
             return Response(resp.status, CIMultiDict(resp.headers), bytes(body))
 
     async def idle(self, timeout: float = 10.0) -> None:
-        """Wait until no download is in flight (persisted or dropped)."""
+        """Wait until no download is in flight (persisted or dropped) and its temp file is gone."""
         deadline = time.monotonic() + timeout
-        while len(self.services.inflight):
+        while len(self.services.inflight) or self.services.inflight.removing:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"downloads still in flight: {self.services.inflight._downloads}")
             await asyncio.sleep(0.02)
@@ -202,12 +207,21 @@ class ProxyProcess:
         return self.proc.returncode
 
 
-def write_config(path: Path, cache_dir: Path, upstream_url: str, port: int, **extra: str) -> Path:
-    """An INI file for a subprocess proxy bound to 127.0.0.1:port."""
+def write_config(
+    path: Path,
+    cache_dir: Path,
+    upstream_url: str,
+    port: int,
+    *,
+    lazy: Mapping[str, str] | None = None,
+    **extra: str,
+) -> Path:
+    """An INI file for a subprocess proxy bound to 127.0.0.1:port; extra keys go to [cache]."""
     lines = [
         "[lazy]",
         f"streamer_port = {port}",
         "streamer_interface = 127.0.0.1",
+        *(f"{k} = {v}" for k, v in (lazy or {}).items()),
         "[cache]",
         f"directory = {cache_dir}",
         *(f"{k} = {v}" for k, v in extra.items()),

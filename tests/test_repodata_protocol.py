@@ -15,15 +15,26 @@ import msgpack
 import pytest
 import zstandard
 from channel import Channel
+from gates import GATED, GatedStore
 from proxy import Proxy, check_invariants
 from test_rattler_client import solve_and_install
 from upstream import FakeUpstream
 
 from condaproxy.cache.removal import remove_unit
+from condaproxy.conda.paths import Request, parse_path
 
 
 def unzstd(data: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+
+async def finished(proxy: Proxy, path: str) -> None:
+    """Wait until the download of path (if one runs) has ended: persisted and learned from."""
+    parsed = parse_path(path)
+    assert isinstance(parsed, Request)
+    dl = proxy.services.inflight.get(parsed.key)
+    if dl is not None and dl.task is not None:
+        await asyncio.wait_for(asyncio.shield(dl.task), 10)
 
 
 async def settle(proxy: Proxy) -> None:
@@ -357,5 +368,85 @@ async def test_real_client_on_a_json_only_channel(
     asked = [r for r in upstream.requests if r.path.endswith("repodata.json.zst")]
     assert asked, "the client's .zst request reached the upstream once, as a probe"
     assert upstream.count("/jsononly/noarch/repodata.json") == 1
+    await settle(proxy)
+    check_invariants(proxy.config.cache.directory)
+
+
+@pytest.mark.parametrize("name", ["repodata.json.zst", "current_repodata.json"])
+async def test_a_source_failing_makes_the_derived_variant_5xx_never_404(
+    proxy: Proxy, upstream: FakeUpstream, json_only: Path, name: str
+) -> None:
+    # Upstream lacks every variant but repodata.json, which answers 503 just now: conda would
+    # remember a 404 ("no .zst", "no current_repodata") for days, so the answer must be a 5xx.
+    upstream.status("/jsononly/noarch/repodata.json", 503, times=1)
+    failed = await proxy.get(f"/jsononly/noarch/{name}")
+    assert failed.status == 502, (failed.status, failed.body)
+    await settle(proxy)
+    # Nothing negative was remembered: the next request derives it.
+    again = await proxy.get(f"/jsononly/noarch/{name}")
+    assert again.status == 200
+    await settle(proxy)
+    check_invariants(proxy.config.cache.directory)
+
+
+async def test_a_revalidation_answered_after_a_sibling_changed_does_not_refresh_the_row(
+    proxy_factory, upstream: FakeUpstream, channel: Channel
+) -> None:
+    proxy = await proxy_factory(repodata_ttl=300)
+    catalog = proxy.services.catalog
+    json_path, zst_path = "/testchan/noarch/repodata.json", "/testchan/noarch/repodata.json.zst"
+    v1 = (channel.path / "noarch" / "repodata.json").read_bytes()
+    assert (await proxy.get(json_path)).body == v1
+    await settle(proxy)
+    old_zst = await proxy.get(zst_path)
+    await settle(proxy)
+    # Both are due for revalidation (as when their TTL runs out).
+    await catalog.expire("testchan", "noarch", ["repodata.json", "repodata.json.zst"])
+    # The .zst revalidation goes out and is answered late, with a 304 made before the change.
+    late = upstream.hold_headers(zst_path, times=1)
+    upstream.status(zst_path, 304, headers={"ETag": old_zst.headers["ETag"]}, times=1)
+    zst_request = asyncio.ensure_future(proxy.get(zst_path))
+    await asyncio.wait_for(late.reached.wait(), 10)
+    # Meanwhile upstream publishes new content, and the proxy sees it through the .json.
+    doc = json.loads(v1)
+    doc["info"]["changed"] = True
+    v2 = json.dumps(doc).encode()
+    upstream.replace(json_path, v2, "application/json")
+    upstream.replace(zst_path, zstandard.ZstdCompressor().compress(v2), "application/zstd")
+    assert (await proxy.get(json_path)).body == v2
+    await finished(proxy, json_path)
+    late.release()
+    answered = await zst_request
+    assert unzstd(answered.body) == v2, "a 304 sent before the sibling changed revived the old .zst"
+    await settle(proxy)
+    assert unzstd((await proxy.get(zst_path)).body) == v2
+    check_invariants(proxy.config.cache.directory)
+
+
+async def test_siblings_expire_as_soon_as_new_content_is_downloaded(
+    proxy_factory, upstream: FakeUpstream, channel: Channel
+) -> None:
+    proxy = await proxy_factory(repodata_ttl=300, parts=GATED)
+    store = proxy.services.store
+    assert isinstance(store, GatedStore)
+    json_path, zst_path = "/testchan/noarch/repodata.json", "/testchan/noarch/repodata.json.zst"
+    v1 = (channel.path / "noarch" / "repodata.json").read_bytes()
+    assert (await proxy.get(json_path)).body == v1
+    await settle(proxy)
+    assert unzstd((await proxy.get(zst_path)).body) == v1
+    await settle(proxy)
+    await proxy.services.catalog.expire("testchan", "noarch", ["repodata.json"])
+    doc = json.loads(v1)
+    doc["info"]["changed"] = True
+    v2 = json.dumps(doc).encode()
+    upstream.replace(json_path, v2, "application/json")
+    upstream.replace(zst_path, zstandard.ZstdCompressor().compress(v2), "application/zstd")
+    # The new .json reaches its client whole, while its persist is still held.
+    persisting = store.hold_put()
+    assert (await proxy.get(json_path)).body == v2
+    await asyncio.wait_for(persisting.reached.wait(), 10)
+    zst = await proxy.get(zst_path)
+    persisting.release()
+    assert unzstd(zst.body) == v2, "a client saw the new .json and then the old .zst"
     await settle(proxy)
     check_invariants(proxy.config.cache.directory)

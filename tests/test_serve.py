@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from channel import Channel
-from proxy import Proxy, ProxyProcess, free_port, write_config
+from proxy import Proxy, ProxyProcess, check_invariants, free_port, write_config
 from upstream import FakeUpstream
 
 
@@ -32,7 +33,10 @@ async def test_serve_with_builtin_defaults(tmp_path: Path) -> None:
         pytest.skip("port 8751 is taken on this machine")
     env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "condaproxy", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "condaproxy", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 20
@@ -119,3 +123,80 @@ async def test_tokens_never_reach_logs_or_catalog(
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
     assert all(token not in r.path and token not in str(dict(r.headers)) for r in upstream.requests)
+
+
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+
+
+async def test_sigterm_while_a_client_streams_exits_within_the_grace(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    """systemd stops the unit with SIGTERM, then kills it after TimeoutStopSec (60 s)."""
+    grace = 4
+    port = free_port()
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "p.ini", cache, upstream.url, port, lazy={"shutdown_grace": str(grace)})
+    proc = await ProxyProcess(config, port).start()
+    slow, whole = channel.by_name("cp-big"), channel.by_name("cp-tools")
+    upstream.throttle(f"/testchan/{slow.url_path}", 64 * 1024)  # 6 MiB: a minute and a half
+    got: list[bytes] = []
+    flowing = asyncio.Event()
+
+    async def stream(resp: aiohttp.ClientResponse) -> None:
+        async for chunk in resp.content.iter_any():
+            got.append(chunk)
+            flowing.set()
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{proc.url}/testchan/linux-64/repodata.json") as meta:
+                assert meta.status == 200 and await meta.read()
+            async with session.get(f"{proc.url}/testchan/{slow.url_path}") as streaming:
+                reader = asyncio.ensure_future(stream(streaming))
+                await asyncio.wait_for(flowing.wait(), 10)
+                # A package whose client has every byte: verified, its persist queued or running.
+                async with session.get(f"{proc.url}/testchan/{whole.url_path}") as done:
+                    assert await done.read() == whole.read_bytes()
+                assert proc.proc is not None
+                proc.proc.send_signal(signal.SIGTERM)
+                try:
+                    code = await asyncio.to_thread(proc.proc.wait, grace + 5)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"still running {grace + 5} s after SIGTERM (grace {grace} s)")
+                with pytest.raises(aiohttp.ClientError):
+                    await asyncio.wait_for(reader, 10)  # cut off, never a clean end
+    finally:
+        proc.kill()
+    assert code == 0, proc.log.read_text()
+    assert sum(map(len, got)) < slow.size
+    rows = check_invariants(cache)
+    assert ("testchan", "linux-64", whole.filename) in rows, "a verified download was not persisted"
+    assert ("testchan", "linux-64", slow.filename) not in rows
+
+
+async def test_temp_files_are_removed_off_the_event_loop(
+    upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    """Unlinking a GiB-sized temp file takes a third of a second: never on the loop's thread."""
+    removes = tmp_path / "removes.log"
+    port = free_port()
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "p.ini", cache, upstream.url, port)
+    argv = [sys.executable, str(KILLPOINT), "threads", "os.remove", str(removes), "--"]
+    argv += ["serve", "--config", str(config)]
+    proc = await ProxyProcess(config, port, argv=argv).start()
+    pkg = channel.by_name("cp-big")
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{proc.url}/testchan/{pkg.url_path}") as resp:
+                assert await resp.read() == pkg.read_bytes()
+            deadline = time.monotonic() + 10
+            while list((cache / "tmp").iterdir()):
+                assert time.monotonic() < deadline, "the temp file was never removed"
+                await asyncio.sleep(0.05)
+    finally:
+        proc.stop()
+    removed = [line for line in removes.read_text().splitlines() if ".part" in line]
+    assert removed, "no temp file removal was seen"
+    on_loop = [line for line in removed if line.startswith("MainThread\t")]
+    assert not on_loop, on_loop

@@ -22,13 +22,14 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
+from condaproxy.errors import CondaproxyError, UpstreamNotFound
 from condaproxy.store.files import hash_file
 
 log = logging.getLogger(__name__)
 
 BlobFile = Callable[[Unit], AbstractAsyncContextManager[Path]]
-# The unit complete and fresh, fetched if need be but never itself derived; None if unavailable.
-Ensure = Callable[[UnitKey, ChannelConfig], Awaitable[Unit | None]]
+# (the unit complete and fresh, fetched if need be but never itself derived; why fetching failed).
+Obtain = Callable[[UnitKey, ChannelConfig], Awaitable[tuple[Unit | None, CondaproxyError | None]]]
 
 
 def _derived(unit: Unit) -> bool:
@@ -44,36 +45,45 @@ def _derived(unit: Unit) -> bool:
 class Deriver:
     """Makes a missing variant from the best sibling upstream has."""
 
-    def __init__(self, ensure: Ensure, catalog: Catalog, persist: PersistQueue, blob_file: BlobFile) -> None:
-        self._ensure = ensure
+    def __init__(self, obtain: Obtain, catalog: Catalog, persist: PersistQueue, blob_file: BlobFile) -> None:
+        self._obtain = obtain
         self._catalog = catalog
         self._persist = persist
         self._blob_file = blob_file
         self.deriving: set[UnitKey] = set()
 
-    async def derive(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> bool:
-        """Fill dl from a sibling variant; False when no sibling exists upstream."""
+    async def derive(
+        self, dl: Download, channel: ChannelConfig, cached: Unit | None
+    ) -> CondaproxyError | None:
+        """Fill dl from a sibling variant; else why not (UpstreamNotFound: no sibling upstream)."""
         self.deriving.add(dl.key)
         try:
             return await self._derive(dl, channel, cached)
         finally:
             self.deriving.discard(dl.key)
 
-    async def _derive(self, dl: Download, channel: ChannelConfig, cached: Unit | None) -> bool:
+    async def _derive(
+        self, dl: Download, channel: ChannelConfig, cached: Unit | None
+    ) -> CondaproxyError | None:
         key = dl.key
+        trouble: CondaproxyError | None = None  # the first source that failed other than by a 404
         for name in variants.sources(key.filename):
             src_key = UnitKey(key.channel, key.subdir, name, Kind.REPODATA)
             if src_key in self.deriving:
                 continue  # never wait on another derivation: two missing variants would deadlock
-            source = await self._ensure(src_key, channel)
+            source, error = await self._obtain(src_key, channel)
             if source is None or _derived(source):
+                # Nothing to derive from. Only a 404 says the source is missing upstream; after
+                # any other failure (5xx, timeout) that is unknown, so the answer is no 404.
+                if error is not None and not isinstance(error, UpstreamNotFound):
+                    trouble = trouble or error
                 continue
             now = time.time()
             # Still made from the current source: as good as a 304.
             in_step = cached is not None and cached.source == source.blob_key
             if in_step and cached and await self._catalog.revalidated(cached, {}, now) is not None:
                 dl.not_modified()
-                return True
+                return None
             loop = asyncio.get_running_loop()
             try:
                 async with self._blob_file(source) as path:
@@ -107,5 +117,5 @@ class Deriver:
             # A failed persist is counted and logged by the queue; readers already have the bytes.
             with contextlib.suppress(Exception):
                 await self._persist.persist(unit, dl.temp_path)
-            return True
-        return False
+            return None
+        return trouble or UpstreamNotFound(f"no variant of {key.filename} upstream")

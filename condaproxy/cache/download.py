@@ -98,26 +98,36 @@ class Fetcher:
         return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable, adopt))
 
     async def ensure(self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True) -> Unit | None:
-        """The unit, complete in the store and fresh, fetching it if need be; None if unavailable.
+        """The unit, complete in the store and fresh, fetching it if need be; None if unavailable."""
+        unit, _ = await self.obtain(key, channel, derive=derive)
+        return unit
+
+    async def obtain(
+        self, key: UnitKey, channel: ChannelConfig, *, derive: bool = True
+    ) -> tuple[Unit | None, CondaproxyError | None]:
+        """(the unit as the catalog has it, why fetching it failed): ensure() with the reason.
 
         A download in flight is waited for to its very end (persisted and learned from),
-        even when the catalog already shows its row.
+        even when the catalog already shows its row. A failed fetch may leave a stale unit.
         """
         dl = self.inflight.get(key)
         if dl is None:
             unit = await self.catalog.get(key)
             if verdict(unit, time.time(), self.config) is Verdict.HIT:
-                return unit
+                return unit, None
             dl = self.inflight.get(key)
             if dl is None:
                 try:
                     dl = self.start(key, channel, unit, derive=derive)
-                except CondaproxyError:
-                    return unit
+                except CondaproxyError as exc:
+                    return unit, exc
         assert dl.task is not None
         # Shielded: a caller giving up must not cancel a download others may share.
         await asyncio.shield(dl.task)
-        return await self.catalog.get(key)
+        unit = await self.catalog.get(key)
+        if dl.error is None and unit is None:
+            return None, UpstreamUnavailable(f"{key.filename} vanished from the cache")
+        return unit, dl.error
 
     async def learn_from(self, key: UnitKey, path: Path) -> None:
         """Record the package digests that a repodata file or shard at path states."""
@@ -176,17 +186,18 @@ class Fetcher:
             resp.release()
 
     async def _keep(self, unit: Unit, dl: Download, cached: Unit | None) -> None:
-        """Persist a verified download, then keep its variant group in step and learn from it."""
+        """Keep a verified download's variant group in step, persist it and learn from it."""
         key = unit.key
+        if key.kind is Kind.REPODATA and (cached is None or cached.blob_key != unit.blob_key):
+            # New content, and its clients have it already: from now on, cached siblings (.zst
+            # beside .json) must not be served as fresh, not only once this one is stored.
+            await self.catalog.expire(key.channel, key.subdir, variants.siblings(key.filename))
         try:
             await self.persist.persist(unit, dl.temp_path)
         except Deferred:
             pass  # the backlog stores it once the store is back; learn from the bytes now
         except Exception:
             return  # counted and logged by the persist queue; the client already has its bytes
-        if key.kind is Kind.REPODATA and (cached is None or cached.blob_key != unit.blob_key):
-            # New content: cached siblings (.zst beside .json) must not stay served as fresh.
-            await self.catalog.expire(key.channel, key.subdir, variants.siblings(key.filename))
         if key.kind in (Kind.REPODATA, Kind.SHARD):
             await self._learn(key, dl.temp_path)
 
@@ -226,10 +237,18 @@ class Fetcher:
     async def _derive(
         self, dl: Download, channel: ChannelConfig, cached: Unit | None, missing: UpstreamNotFound
     ) -> None:
-        """Make a variant upstream lacks from a sibling it has; else fail with missing."""
-        if self.deriver is not None and await self.deriver.derive(dl, channel, cached):
-            return
-        self._failed(dl, missing)
+        """Make a variant upstream lacks from a sibling it has; else fail with missing, or 5xx.
+
+        404 only when every source is missing upstream too: a source that failed otherwise
+        (5xx, timeout) makes it a 502/504, which clients do not remember for days.
+        """
+        failure = await self.deriver.derive(dl, channel, cached) if self.deriver is not None else missing
+        if isinstance(failure, UpstreamNotFound):
+            self._failed(dl, missing)
+        elif failure is not None:
+            if failure.status < 500:  # a source's 401/403...: any 4xx here is remembered for days
+                failure = UpstreamUnavailable(f"cannot make {dl.key.filename}: {failure}")
+            self._failed(dl, failure)
 
     def _failed(self, dl: Download, exc: CondaproxyError) -> None:
         if isinstance(exc, UpstreamNotFound):

@@ -41,20 +41,33 @@ class Head:
     length: int | None
 
 
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _remove_off_loop(path: Path) -> None:
+    asyncio.get_running_loop().run_in_executor(None, _unlink, path)
+
+
 class Download:
     """One unit's fetch in progress: state, published offset and the temp file readers use."""
 
-    def __init__(self, key: UnitKey, temp_path: Path) -> None:
+    def __init__(
+        self, key: UnitKey, temp_path: Path, remove: Callable[[Path], None] = _remove_off_loop
+    ) -> None:
         self.key = key
         self.temp_path = temp_path
+        self._remove = remove  # takes the temp file away, off the loop (unlinking GiBs takes a while)
         self.state = State.CONNECTING
         self.head: Head | None = None
         self.error: CondaproxyError | None = None
         self.published = 0
         self.sha256: str | None = None
-        self.subscribers = 0
+        self.subscribers = 0  # readers streaming from it (a relay paces itself to them)
+        self.pins = 0  # requests that may still read the temp file
         self.adopted = False  # NOT_MODIFIED because another node had stored it (cache/adopt.py)
-        self.ended = False  # the task is over; the temp file goes when the last reader leaves
+        self.ended = False  # the task is over; the temp file goes when the last pin is released
+        self._removed = False
         # Set when the cache disk refused the temp file (full, say): the bytes from there on
         # live only in memory, so only readers attached now can be served; new ones are refused.
         self.spool_error: CondaproxyError | None = None
@@ -155,6 +168,18 @@ class Download:
             finally:
                 self._waiting -= 1
 
+    async def wait_verified(self) -> None:
+        """Wait until the whole body is written and verified; raises the fetch's error if it fails."""
+        while self.state is not State.DONE:
+            if self.state is State.FAILED:
+                raise self.error or UpstreamUnavailable("download failed")
+            self._waiting += 1  # it has sent all it may: a relay need not wait for it
+            self._reader_moved()
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
+
     def cached_chunk(self, offset: int, end: int) -> memoryview | None:
         """Bytes [offset, end) if they are all inside the newest chunk in memory (no copy)."""
         start, chunk = self._last
@@ -162,20 +187,36 @@ class Download:
             return memoryview(chunk)[offset - start : end - start]
         return None
 
+    def pin(self) -> bool:
+        """A request may read the temp file: keep it until unpin(). False once the task ended.
+
+        Pin at once, before any await, after finding the download: it may end at any await,
+        and its temp file goes with its last pin.
+        """
+        if self.ended:
+            return False
+        self.pins += 1
+        return True
+
+    def unpin(self) -> None:
+        """The request is done with the temp file; the last one out after the task ended removes it."""
+        self.pins -= 1
+        self._release()
+
     def attach(self) -> None:
-        """A reader starts streaming from the temp file."""
+        """A (pinned) reader starts streaming from the temp file."""
         self.subscribers += 1
 
     def detach(self) -> None:
-        """A reader is done; the last one out after the task ended removes the temp file."""
+        """A reader is done streaming."""
         self.subscribers -= 1
         self._reader_moved()
-        self._release()
 
     def _release(self) -> None:
         # A reader that kept up from memory may still need the file after the task ended.
-        if self.ended and self.subscribers == 0:
-            self.temp_path.unlink(missing_ok=True)
+        if self.ended and self.pins == 0 and not self._removed:
+            self._removed = True
+            self._remove(self.temp_path)
 
     @property
     def complete(self) -> bool:
@@ -193,9 +234,25 @@ class InflightTable:
         self.temp_dir = temp_dir
         self._downloads: dict[UnitKey, Download] = {}
         self._serial = 0
+        self._removals: set[asyncio.Future[None]] = set()
 
     def __len__(self) -> int:
         return len(self._downloads)
+
+    @property
+    def removing(self) -> int:
+        """Temp files of ended downloads still being removed."""
+        return len(self._removals)
+
+    def _remove(self, path: Path) -> None:
+        removal = asyncio.get_running_loop().run_in_executor(None, _unlink, path)
+        self._removals.add(removal)
+        removal.add_done_callback(self._removed)
+
+    def _removed(self, removal: asyncio.Future[None]) -> None:
+        self._removals.discard(removal)
+        if not removal.cancelled() and (exc := removal.exception()) is not None:
+            log.warning("could not remove a temp file: %s", exc)
 
     def get(self, key: UnitKey) -> Download | None:
         """The download in flight for key, if any."""
@@ -206,7 +263,7 @@ class InflightTable:
         if key in self._downloads:
             raise RuntimeError(f"{key} is already in flight")
         self._serial += 1
-        dl = Download(key, self.temp_dir / f"{self._serial:08d}-{id(key):x}.part")
+        dl = Download(key, self.temp_dir / f"{self._serial:08d}-{id(key):x}.part", self._remove)
         self._downloads[key] = dl
         dl.task = asyncio.get_running_loop().create_task(self._run(dl, run), name=f"fetch {key}")
         # A done callback, not a finally: it also runs for a task cancelled before its first step.
@@ -237,9 +294,10 @@ class InflightTable:
         for dl in list(self._downloads.values()):
             if dl.task is not None and dl.state is not State.DONE:
                 dl.task.cancel()
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        while self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)

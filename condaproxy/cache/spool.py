@@ -17,7 +17,7 @@ from condaproxy.cache.inflight import Download
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import CacheDiskError
 from condaproxy.metrics import Metrics
-from condaproxy.store.files import write_all
+from condaproxy.store.files import open_fd, opened, write_all
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,8 @@ class Spool:
 
     async def open(self, path: Path) -> None:
         """Create the file (it must not exist); CacheDiskError when the disk refuses."""
-        loop = asyncio.get_running_loop()
         try:
-            self._fd = await loop.run_in_executor(
-                None, os.open, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-            )
+            self._fd = await opened(open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), os.close)
         except OSError as exc:
             raise self._disk_refused(exc, 0) from exc
 

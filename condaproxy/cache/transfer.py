@@ -18,7 +18,7 @@ from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.inflight import Download, Head
 from condaproxy.cache.rewrite import Holdback, prepare_index
 from condaproxy.cache.spool import Spool
-from condaproxy.cache.unit import Unit
+from condaproxy.cache.unit import Unit, kept_headers
 from condaproxy.conda.paths import Kind
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import (
@@ -61,7 +61,7 @@ class Receiver:
         buffered = key.kind is Kind.SHARD_INDEX
         body_path = dl.temp_path.with_name(dl.temp_path.name + ".raw") if buffered else dl.temp_path
         length = resp.content_length
-        headers = passthrough_headers(resp.headers)
+        headers = kept_headers(key.kind, passthrough_headers(resp.headers))
         head = Head(headers, length)
         # Repodata is held back until its head shows whether it names a foreign base (CEP-15).
         hold = Holdback.of(key, channel, headers, self._catalog)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from condaproxy.conda.paths import Kind, UnitKey
@@ -12,6 +13,21 @@ COMPLETE = "complete"
 REPRESENTATION_HEADERS = frozenset(
     {"ETag", "Last-Modified", "Content-Type", "Content-Encoding", "Content-Md5"}
 )
+
+
+# Packages and shards are kept for good, and their headers with them: one upstream response
+# with a stray header (Content-Encoding: gzip on plain bytes breaks every decoding client) must
+# not be replayed forever, so they carry only these, and a type no browser renders.
+IMMUTABLE_HEADERS = ("ETag", "Last-Modified")
+IMMUTABLE_TYPE = "application/octet-stream"
+
+
+def kept_headers(kind: Kind, headers: Mapping[str, str]) -> dict[str, str]:
+    """The upstream headers a unit is cached and served with (the proxy adds its own)."""
+    if not kind.immutable:
+        return dict(headers)
+    kept = {name: headers[name] for name in IMMUTABLE_HEADERS if name in headers}
+    return {"Content-Type": IMMUTABLE_TYPE, **kept}
 
 
 @dataclass(frozen=True, slots=True)

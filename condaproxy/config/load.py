@@ -82,6 +82,7 @@ def _lazy(s: Section) -> LazyConfig:
         streamer_port=s.integer("streamer_port", d.streamer_port, minimum=1, maximum=65535),
         streamer_interface=s.interfaces("streamer_interface", d.streamer_interface),
         streamer_cache_timeout=s.integer("streamer_cache_timeout", d.streamer_cache_timeout),
+        shutdown_grace=s.seconds("shutdown_grace", d.shutdown_grace),
     )
 
 

@@ -25,11 +25,12 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class LazyConfig:
-    """The streamer: where it listens and how long clients may cache immutable units."""
+    """The streamer: where it listens, how long clients may cache immutable units, how it stops."""
 
     streamer_port: int = 8751
     streamer_interface: tuple[str, ...] = ("lo",)
     streamer_cache_timeout: int = 86400
+    shutdown_grace: float = 20.0  # seconds from SIGTERM to exit (systemd's TimeoutStopSec is more)
 
 
 @dataclass(frozen=True)

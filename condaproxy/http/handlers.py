@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 
 from condaproxy.cache.freshness import Verdict, may_serve_stale, verdict
-from condaproxy.cache.inflight import State
+from condaproxy.cache.inflight import Download, State
 from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Rejection, UnitKey, parse_path
 from condaproxy.config.model import ChannelConfig
@@ -53,68 +53,97 @@ async def _serve(
     request: web.Request, svc: Services, key: UnitKey, channel: ChannelConfig
 ) -> web.StreamResponse:
     now = time.time()
-    unit: Unit | None = None
+    dl = svc.inflight.get(key)
+    if dl is not None and dl.state is not State.NOT_MODIFIED:
+        # A mutable unit's joiner looks for a stale copy to fall back on: after pinning.
+        return await _follow(
+            request, svc, channel, dl, "COLLAPSED", None, now, look_up=not key.kind.immutable
+        )
+    unit = await svc.catalog.get(key)
     failed_hit = False
+    found = verdict(unit, now, svc.config)
+    if found is Verdict.HIT and unit is not None:
+        served = await serve_unit(request, svc, unit, "HIT", channel)
+        if served is not None:
+            return served
+        unit = None  # the blob went missing or changed size, or S3 failed: fetch it again
+        failed_hit = True
+    elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
+        if svc.inflight.get(key) is None:
+            with contextlib.suppress(CondaproxyError):
+                svc.fetcher.start(key, channel, unit)  # one background revalidation
+        served = await serve_unit(request, svc, unit, "STALE", channel)
+        if served is not None:
+            return served
+        unit = None
+        failed_hit = True
+    # Re-check after the await: another request may have started the fetch meanwhile.
     dl = svc.inflight.get(key)
     xcache = "COLLAPSED"
-    if dl is None or dl.state is State.NOT_MODIFIED:
-        unit = await svc.catalog.get(key)
-        found = verdict(unit, now, svc.config)
-        if found is Verdict.HIT and unit is not None:
-            served = await serve_unit(request, svc, unit, "HIT", channel)
-            if served is not None:
-                return served
-            unit = None  # the blob went missing or changed size, or S3 failed: fetch it again
-            failed_hit = True
-        elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
-            if svc.inflight.get(key) is None:
-                with contextlib.suppress(CondaproxyError):
-                    svc.fetcher.start(key, channel, unit)  # one background revalidation
-            served = await serve_unit(request, svc, unit, "STALE", channel)
-            if served is not None:
-                return served
-            unit = None
-            failed_hit = True
-        # Re-check after the await: another request may have started the fetch meanwhile.
-        dl = svc.inflight.get(key)
-        if dl is None:
-            try:
-                # After a failed hit, from the upstream: the store just failed to serve this.
-                dl = svc.fetcher.start(key, channel, unit, adopt=not failed_hit)
-            except CondaproxyError as exc:
-                return text(exc.status, str(exc))
-            xcache = "MISS"
-    elif not key.kind.immutable:
-        unit = await svc.catalog.get(key)  # for a stale fallback if this revalidation fails
-        if unit is not None and verdict(unit, now, svc.config) is Verdict.STALE_WHILE_REVALIDATE:
-            served = await serve_unit(request, svc, unit, "STALE", channel)
-            if served is not None:
-                return served
-    try:
-        state = await dl.wait_head()
-    except UpstreamError as exc:
-        if not isinstance(exc, UpstreamNotFound) and may_serve_stale(unit, now, svc.config):
-            assert unit is not None
-            served = await serve_unit(request, svc, unit, "STALE", channel)
-            if served is not None:
-                return served
-        return text(exc.status, exc.reason)
-    except CondaproxyError as exc:
-        return text(exc.status, str(exc))
-    if state is State.NOT_MODIFIED:
-        fresh = await svc.catalog.get(key)
-        if fresh is not None:
-            served = await serve_unit(request, svc, fresh, "HIT" if dl.adopted else "REVALIDATED", channel)
-            if served is not None:
-                return served
-        if not svc.store.shared:
-            return text(502, "cached copy vanished during revalidation")
-        # The shared store could not serve what it holds (S3 down or slow): fetch it whole.
+    if dl is None:
         try:
-            dl = svc.inflight.get(key) or svc.fetcher.start(key, channel, None, adopt=False)
-            if await dl.wait_head() is State.NOT_MODIFIED:
-                return text(502, "the store cannot serve its copy and the upstream sent none")
+            # After a failed hit, from the upstream: the store just failed to serve this.
+            dl = svc.fetcher.start(key, channel, unit, adopt=not failed_hit)
         except CondaproxyError as exc:
             return text(exc.status, str(exc))
         xcache = "MISS"
-    return await stream(request, svc, dl, xcache)
+    return await _follow(request, svc, channel, dl, xcache, unit, now, look_up=False)
+
+
+async def _follow(
+    request: web.Request,
+    svc: Services,
+    channel: ChannelConfig,
+    dl: Download,
+    xcache: str,
+    unit: Unit | None,
+    now: float,
+    *,
+    look_up: bool,
+    fall_back: bool = True,
+) -> web.StreamResponse:
+    """Stream the download dl, or answer from the store when it says so (304, or stale)."""
+    # Pinned before any await (a coroutine runs up to its first await when awaited): the temp
+    # file stays while this request may read it, however soon the download itself ends.
+    if not dl.pin():
+        # Ended already, its temp file gone or going: start over, from the stored copy if any.
+        return await _serve(request, svc, dl.key, channel)
+    try:
+        if look_up:
+            unit = await svc.catalog.get(dl.key)  # for a stale fallback if this revalidation fails
+            if unit is not None and verdict(unit, now, svc.config) is Verdict.STALE_WHILE_REVALIDATE:
+                served = await serve_unit(request, svc, unit, "STALE", channel)
+                if served is not None:
+                    return served
+        try:
+            state = await dl.wait_head()
+        except UpstreamError as exc:
+            if not isinstance(exc, UpstreamNotFound) and may_serve_stale(unit, now, svc.config):
+                assert unit is not None
+                served = await serve_unit(request, svc, unit, "STALE", channel)
+                if served is not None:
+                    return served
+            return text(exc.status, exc.reason)
+        except CondaproxyError as exc:
+            return text(exc.status, str(exc))
+        if state is State.NOT_MODIFIED:
+            fresh = await svc.catalog.get(dl.key)
+            if fresh is not None:
+                served = await serve_unit(
+                    request, svc, fresh, "HIT" if dl.adopted else "REVALIDATED", channel
+                )
+                if served is not None:
+                    return served
+            if not (fall_back and svc.store.shared) or svc.inflight.get(dl.key) is not None:
+                return text(502, "cached copy vanished during revalidation")
+            # The shared store could not serve what it holds (S3 down or slow): fetch it whole.
+            try:
+                again = svc.fetcher.start(dl.key, channel, None, adopt=False)
+            except CondaproxyError as exc:
+                return text(exc.status, str(exc))
+            return await _follow(
+                request, svc, channel, again, "MISS", None, now, look_up=False, fall_back=False
+            )
+        return await stream(request, svc, dl, xcache)
+    finally:
+        dl.unpin()

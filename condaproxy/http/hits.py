@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import time
+from functools import partial
 from typing import IO
 
 from aiohttp import web
@@ -21,6 +22,7 @@ from condaproxy.errors import BlobDamaged, CondaproxyError, StoreError
 from condaproxy.http.ranges import Plan
 from condaproxy.http.responses import abort, plan_for, unit_headers, without_body
 from condaproxy.http.services import Services
+from condaproxy.store.files import opened
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,11 @@ def _open_blob(path: str, size: int) -> IO[bytes] | None:
         f.close()
         return None
     return f
+
+
+def _close(fobj: IO[bytes] | None) -> None:
+    if fobj is not None:
+        fobj.close()
 
 
 async def _coded(request: web.Request, svc: Services, unit: Unit, channel: ChannelConfig) -> Unit | None:
@@ -87,7 +94,7 @@ async def _serve_blob(
     local = store.local_path(unit.blob_key)
     fobj: IO[bytes] | None = None
     if local is not None:
-        fobj = await loop.run_in_executor(None, _open_blob, str(local), unit.size)
+        fobj = await opened(partial(_open_blob, str(local), unit.size), _close)
         if fobj is None and not store.shared:
             log.error("blob of %s is missing or has the wrong size; refetching", unit.key)
             # Only the row version this reader was given: a revalidation may have replaced it.

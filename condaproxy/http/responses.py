@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from condaproxy.cache.freshness import cache_control
+from condaproxy.cache.unit import kept_headers
 from condaproxy.conda.paths import UnitKey
 from condaproxy.config.model import Config
 from condaproxy.http import ranges
@@ -29,7 +30,8 @@ def abort(request: web.BaseRequest) -> None:
 
 
 def unit_headers(config: Config, key: UnitKey, base: dict[str, str], xcache: str) -> dict[str, str]:
-    headers = dict(base)
+    """The headers of a unit's response: what it keeps (rows cached before that rule too) and ours."""
+    headers = kept_headers(key.kind, base)
     headers["Cache-Control"] = cache_control(key.kind, config)
     headers["X-Cache"] = xcache
     headers["Accept-Ranges"] = "bytes"

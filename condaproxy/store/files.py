@@ -1,12 +1,40 @@
-"""Blocking file helpers shared by the stores and the download task (run them in an executor)."""
+"""File functions shared by the stores, the download task and the streamer: blocking ones (run
+them in an executor), and opened(), which runs an open in the executor without leaking it."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 STEP = 1 << 20
+T = TypeVar("T")
+
+
+async def opened(open_: Callable[[], T], close: Callable[[T], object]) -> T:
+    """open_() run in the executor; if the caller is cancelled meanwhile, close() what it opens.
+
+    Cancelling an await does not stop the thread: what it opens after that reaches nobody.
+    """
+    opening = asyncio.get_running_loop().run_in_executor(None, open_)
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(lambda done: _close_unclaimed(done, close))
+        raise
+
+
+def _close_unclaimed(done: asyncio.Future[T], close: Callable[[T], object]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        close(done.result())
+
+
+def open_fd(path: Path, flags: int, mode: int = 0o644) -> Callable[[], int]:
+    """os.open(path, flags, mode), to be run by opened()."""
+    return lambda: os.open(path, flags, mode)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

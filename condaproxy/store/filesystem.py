@@ -11,7 +11,7 @@ from pathlib import Path
 
 from condaproxy.errors import BlobDamaged
 from condaproxy.store.blobstore import check_key
-from condaproxy.store.files import fsync_dir
+from condaproxy.store.files import fsync_dir, open_fd, opened
 
 CHUNK = 256 * 1024
 
@@ -103,7 +103,7 @@ class FilesystemStore:
     ) -> AsyncGenerator[bytes, None]:
         """Stream count bytes of the blob from offset (size: see BlobStore.read)."""
         loop = asyncio.get_running_loop()
-        fd = await loop.run_in_executor(None, os.open, self._path(key), os.O_RDONLY)
+        fd = await opened(open_fd(self._path(key), os.O_RDONLY), os.close)
         try:
             if size is not None and (have := os.fstat(fd).st_size) != size:
                 raise BlobDamaged(f"blob {key} is {have} bytes, its row says {size}")

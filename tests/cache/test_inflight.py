@@ -239,6 +239,30 @@ async def test_many_waiters_all_wake(tmp_path: Path) -> None:
     assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [10] * 5
 
 
+async def test_wait_verified_waits_for_done_not_for_bytes(tmp_path: Path) -> None:
+    dl = make(tmp_path)
+    dl.start_body(HEAD)
+    waiter = asyncio.create_task(dl.wait_verified())
+    dl.publish(10, b"0123456789", 10)  # every byte is in, none is verified yet
+    await settle()
+    assert not waiter.done()
+    dl.finish(10, SHA)
+    await asyncio.wait_for(waiter, 1)
+    await dl.wait_verified()  # and at once, afterwards
+
+
+async def test_wait_verified_raises_when_the_download_fails(tmp_path: Path) -> None:
+    dl = make(tmp_path)
+    dl.start_body(HEAD)
+    waiter = asyncio.create_task(dl.wait_verified())
+    await settle()
+    err = IntegrityError("sha256 mismatch")
+    dl.fail(err)
+    with pytest.raises(IntegrityError) as info:
+        await asyncio.wait_for(waiter, 1)
+    assert info.value is err
+
+
 def test_cached_chunk_windows(tmp_path: Path) -> None:
     dl = make(tmp_path)
     dl.start_body(HEAD)
@@ -286,6 +310,7 @@ async def test_start_runs_the_runner_and_removes_the_entry(table: InflightTable)
     await asyncio.wait_for(dl.task, 1)
     assert dl.state is State.DONE and dl.error is None
     assert table.get(KEY) is None and len(table) == 0
+    await table.close(grace=1)  # waits for the temp file's removal, which runs off the loop
     assert seen == [dl.temp_path] and not dl.temp_path.exists()
 
 
@@ -333,6 +358,7 @@ async def test_runner_exception_fails_readers_and_cleans_up(table: InflightTable
     with pytest.raises(UpstreamUnavailable):
         await asyncio.wait_for(reader, 1)
     assert dl.state is State.FAILED and isinstance(dl.error, CondaproxyError)
+    await table.close(grace=1)
     assert len(table) == 0 and not dl.temp_path.exists()
 
 
@@ -380,6 +406,7 @@ async def test_cancellation_fails_readers_and_cleans_up(table: InflightTable) ->
         await dl.task
     with pytest.raises(UpstreamUnavailable):
         await asyncio.wait_for(reader, 1)
+    await table.close(grace=1)
     assert dl.state is State.FAILED and len(table) == 0 and not dl.temp_path.exists()
 
 
@@ -483,3 +510,22 @@ async def test_close_right_after_start_fails_readers_and_empties_the_table(table
             await asyncio.wait_for(reader, 0.5)
     finally:
         reader.cancel()
+
+
+async def test_a_pin_keeps_the_temp_file_past_the_end_of_the_download(table: InflightTable) -> None:
+    async def run(dl: Download) -> None:
+        dl.temp_path.write_bytes(b"0123456789")
+        dl.start_body(HEAD)
+        dl.publish(10, b"0123456789", 10)
+        dl.finish(10, SHA)
+
+    dl = table.start(KEY, run)
+    assert dl.pin()  # a request found it, and pinned it before its first await
+    await asyncio.wait_for(dl.task, 1)  # type: ignore[arg-type]
+    await settle()
+    assert dl.ended and dl.temp_path.exists()
+    dl.unpin()
+    assert table.removing == 1  # in the executor: unlinking a big file takes a while
+    await table.close(grace=1)
+    assert table.removing == 0 and not dl.temp_path.exists()
+    assert not dl.pin()  # ended: the caller must look again (the stored copy, or a new fetch)

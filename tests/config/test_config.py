@@ -52,7 +52,7 @@ def load_error(tmp_path: Path, text: str) -> ConfigError:
 
 def test_default_config_is_the_dataclass_defaults() -> None:
     config = default_config()
-    assert config.lazy == LazyConfig(8751, ("lo",), 86400)
+    assert config.lazy == LazyConfig(8751, ("lo",), 86400, 20.0)
     assert config.cache.directory == Path(platformdirs.user_data_dir("condaproxy"))
     assert (config.cache.repodata_ttl, config.cache.negative_ttl) == (60, 30)
     assert (config.cache.max_stale, config.cache.persist_workers) == (604800, 2)
@@ -87,7 +87,7 @@ def test_example_parses(tmp_path: Path) -> None:
     path = write(tmp_path, EXAMPLE)
     config = load_config(path)
     assert config.source == path
-    assert config.lazy == LazyConfig(8751, ("lo",), 86400)
+    assert config.lazy == LazyConfig(8751, ("lo",), 86400, 20.0)
     assert config.cache == CacheConfig(Path("/var/lib/condaproxy"), 60, 30, 604800, 10, 2)
     assert config.upstream == UpstreamConfig("https://conda.anaconda.org", True, 10.0, 60.0)
     assert dict(config.channels) == {
@@ -229,6 +229,7 @@ BAD = [
     ("[lazy]\nstreamer_port = http\n", "lazy", "streamer_port", "'http'"),
     ("[lazy]\nstreamer_port = \n", "lazy", "streamer_port", "integer"),
     ("[lazy]\nstreamer_cache_timeout = -1\n", "lazy", "streamer_cache_timeout", ">= 0"),
+    ("[lazy]\nshutdown_grace = 0\n", "lazy", "shutdown_grace", "positive"),
     ("[cache]\nrepodata_ttl = 1.5\n", "cache", "repodata_ttl", "integer"),
     ("[cache]\nnegative_ttl = 1_000\n", "cache", "negative_ttl", "integer"),
     ("[cache]\nmax_stale = -5\n", "cache", "max_stale", "integer"),
@@ -368,3 +369,10 @@ def test_bind_unknown_interface() -> None:
 def test_bind_nothing() -> None:
     with pytest.raises(ConfigError, match=r"\[lazy\] streamer_interface"):
         bind_addresses([])
+
+
+def test_the_systemd_unit_waits_longer_than_the_shutdown_grace() -> None:
+    unit = (SHIPPED.parents[1] / "systemd" / "condaproxy.service").read_text()
+    (line,) = [x for x in unit.splitlines() if x.startswith("TimeoutStopSec=")]
+    assert float(line.removeprefix("TimeoutStopSec=").removesuffix("s")) > LazyConfig().shutdown_grace
+    assert load_config(SHIPPED).lazy.shutdown_grace == LazyConfig().shutdown_grace

@@ -8,8 +8,11 @@ import hashlib
 import aiohttp
 import pytest
 from channel import Channel
+from gates import GATED, GatedCatalog
 from proxy import Proxy, check_invariants
 from upstream import FakeUpstream
+
+from condaproxy.conda.paths import Kind, UnitKey
 
 CH = "/testchan"
 
@@ -42,7 +45,7 @@ async def test_headers_pass_through_with_our_cache_control(
     assert direct, "upstream was asked"
     for resp in (miss, hit):
         assert resp.headers["Cache-Control"] == "public, max-age=86400"
-        assert resp.headers["X-Upstream-Thing"] == "kept"
+        assert "X-Upstream-Thing" not in resp.headers  # packages keep a fixed header set
         assert resp.headers["Content-Length"] == str(pkg.size)
         assert resp.headers["ETag"] and resp.headers["Last-Modified"]
     assert miss.headers["ETag"] == hit.headers["ETag"]
@@ -179,7 +182,9 @@ async def test_shared_fetch_forwards_no_client_headers(
         assert name not in req.headers
 
 
-async def test_fifty_cold_clients_all_get_whole_bodies(proxy: Proxy, upstream: FakeUpstream, channel: Channel) -> None:
+async def test_fifty_cold_clients_all_get_whole_bodies(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel
+) -> None:
     """Readers that keep up from memory must still find the temp file after the fetch ends."""
     pkg = channel.by_name("cp-big")
     path = f"{CH}/{pkg.url_path}"
@@ -189,3 +194,113 @@ async def test_fifty_cold_clients_all_get_whole_bodies(proxy: Proxy, upstream: F
     assert not bad, f"{len(bad)} of 50 bodies broken: {bad[0].error!r}"
     await proxy.idle()
     check_invariants(proxy.config.cache.directory)
+
+
+async def test_late_joiner_paused_before_attaching_still_gets_the_whole_body(
+    proxy_factory, upstream: FakeUpstream, channel: Channel
+) -> None:
+    """A joiner of a mutable unit reads the catalog first: the download may end meanwhile."""
+    proxy = await proxy_factory(parts=GATED)
+    catalog = proxy.services.catalog
+    assert isinstance(catalog, GatedCatalog)
+    path = f"{CH}/linux-64/repodata.json"
+    want = (channel.path / "linux-64" / "repodata.json").read_bytes()
+    key = UnitKey("testchan", "linux-64", "repodata.json", Kind.REPODATA)
+    hold = upstream.hold(path, 0.5, times=1)
+    assert proxy.session is not None
+    async with proxy.session.get(proxy.url + path) as leader:
+        await asyncio.wait_for(hold.reached.wait(), 10)
+        dl = proxy.services.inflight.get(key)
+        assert dl is not None and dl.task is not None
+        paused = catalog.hold_get(key)
+        joiner = asyncio.ensure_future(proxy.get(path))
+        await asyncio.wait_for(paused.reached.wait(), 10)
+        # While the joiner is paused, the download runs to its end: sent, persisted, gone.
+        hold.release()
+        assert await leader.read() == want
+    await asyncio.wait_for(asyncio.shield(dl.task), 10)
+    await proxy.idle()
+    paused.release()
+    joined = await asyncio.wait_for(joiner, 10)
+    assert joined.error is None and joined.status == 200
+    assert joined.body == want
+    await proxy.idle()
+    check_invariants(proxy.config.cache.directory)
+
+
+@pytest.mark.parametrize("window", ["bytes=0-1023", "bytes=4096-8191"])
+async def test_a_window_of_a_corrupt_download_is_never_a_clean_206(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, window: str
+) -> None:
+    """A corrupting CDN: a window's bytes arrive before the verdict, but its end must wait for it."""
+    pkg = channel.by_name("cp-big")
+    path = f"{CH}/{pkg.url_path}"
+    assert (await proxy.get(f"{CH}/{pkg.subdir}/repodata.json")).status == 200  # digests learned
+    upstream.corrupt(path, times=1)
+    hold = upstream.hold(path, 0.5, times=1)
+    first, last = (int(n) for n in window.removeprefix("bytes=").split("-"))
+    assert proxy.session is not None
+    async with proxy.session.get(proxy.url + path) as leader:
+        await asyncio.wait_for(hold.reached.wait(), 10)
+        async with proxy.session.get(proxy.url + path, headers={"Range": window}) as ranged:
+            assert ranged.status == 206 and ranged.headers["X-Cache"] == "COLLAPSED"
+            assert ranged.headers["Content-Range"] == f"bytes {first}-{last}/{pkg.size}"
+            # All but the window's last byte may go out before the verdict.
+            await asyncio.wait_for(ranged.content.readexactly(last - first), 10)
+            hold.release()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(ranged.read(), 10)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(leader.read(), 10)
+    await proxy.idle()
+    check_invariants(proxy.config.cache.directory)
+
+
+async def test_a_window_of_a_good_download_ends_once_verified(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel
+) -> None:
+    pkg = channel.by_name("cp-big")
+    path = f"{CH}/{pkg.url_path}"
+    assert (await proxy.get(f"{CH}/{pkg.subdir}/repodata.json")).status == 200
+    hold = upstream.hold(path, 0.5, times=1)
+    assert proxy.session is not None
+    async with proxy.session.get(proxy.url + path) as leader:
+        await asyncio.wait_for(hold.reached.wait(), 10)
+        async with proxy.session.get(proxy.url + path, headers={"Range": "bytes=10-1033"}) as ranged:
+            assert ranged.status == 206
+            early = await asyncio.wait_for(ranged.content.readexactly(1023), 10)
+            hold.release()
+            body = early + await asyncio.wait_for(ranged.read(), 10)
+        assert body == pkg.read_bytes()[10:1034]
+        assert await leader.read() == pkg.read_bytes()
+    await proxy.idle()
+    check_invariants(proxy.config.cache.directory)
+
+
+async def test_packages_and_shards_keep_only_a_fixed_header_set(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel
+) -> None:
+    """One response with a bad header must not be replayed with the package forever."""
+    pkg = channel.by_name("cp-app")
+    path = f"{CH}/{pkg.url_path}"
+    assert (await proxy.get(f"{CH}/{pkg.subdir}/repodata.json")).status == 200
+    bad = {
+        "Content-Encoding": "gzip",
+        "Content-Disposition": "attachment; filename=evil.html",
+        "X-Upstream-Thing": "replayed",
+        "Content-Type": "text/html",
+    }
+    upstream.add_headers(path, bad, times=1)
+    live = await proxy.get(path)
+    await proxy.idle()
+    hit = await proxy.get(path)
+    assert hit.xcache == "HIT"
+    for resp in (live, hit):
+        assert resp.status == 200 and resp.body == pkg.read_bytes()
+        assert "Content-Encoding" not in resp.headers
+        assert "Content-Disposition" not in resp.headers and "X-Upstream-Thing" not in resp.headers
+        assert resp.headers["Content-Type"] == "application/octet-stream"
+        assert resp.headers["ETag"] and resp.headers["Last-Modified"]
+    # A client that decodes what it is told to still gets the package.
+    async with aiohttp.ClientSession() as plain, plain.get(proxy.url + path) as decoded:
+        assert await decoded.read() == pkg.read_bytes()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import os
+import threading
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import cast
@@ -11,6 +15,7 @@ from typing import cast
 import pytest
 
 from condaproxy.store.blobstore import check_key
+from condaproxy.store.files import opened
 from condaproxy.store.filesystem import CHUNK, FilesystemStore
 
 
@@ -241,3 +246,82 @@ async def test_store_operations_refuse_bad_keys(store: FilesystemStore, tmp_path
     # Nothing was created anywhere, inside or outside the store.
     assert [p for p in store.root.rglob("*")] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs", "src.part"]
+
+
+def descriptors_on(path: Path) -> int:
+    """How many of this process's file descriptors refer to path."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                count += 1
+        except OSError:
+            pass  # closed meanwhile (the listing's own descriptor)
+    return count
+
+
+async def test_a_read_cancelled_while_its_open_runs_closes_the_descriptor(
+    store: FilesystemStore, tmp_path: Path
+) -> None:
+    """The executor's open finishes after its reader was cancelled: the descriptor must not leak."""
+    key = "ab" * 32
+    path = store.local_path(key)
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)  # opening it for reading blocks (in the executor) until a writer comes
+    reader = store.read(key, 0, 10)
+    first = asyncio.ensure_future(anext(reader))
+    # A writer's non-blocking open succeeds only once the reader's open is under way.
+    writer = None
+    deadline = time.monotonic() + 10
+    while writer is None:
+        try:
+            writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO and time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    # In the same step, before the loop hears of the finished open: the reader gives up.
+    first.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await reader.aclose()
+        # Once the reader's descriptor is closed, the pipe has no reader left: writing fails.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.write(writer, b"x")
+            except BrokenPipeError:
+                break
+            assert time.monotonic() < deadline, "the reader's descriptor leaked"
+            await asyncio.sleep(0.01)
+        assert descriptors_on(path) == 1  # the writer's own
+    finally:
+        os.close(writer)
+
+
+async def test_opened_closes_what_a_cancelled_caller_would_have_got() -> None:
+    started, go = threading.Event(), threading.Event()
+    closed: list[str] = []
+    handed_back = asyncio.Event()
+
+    def slow_open() -> str:
+        started.set()
+        go.wait(10)
+        return "descriptor"
+
+    def close(thing: str) -> None:
+        closed.append(thing)
+        handed_back.set()
+
+    waiter = asyncio.ensure_future(opened(slow_open, close))
+    await asyncio.to_thread(started.wait, 10)  # the open runs in its thread
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not closed
+    go.set()
+    await asyncio.wait_for(handed_back.wait(), 10)
+    assert closed == ["descriptor"]
+    # Not cancelled: the caller gets it, and nothing is closed behind its back.
+    assert await opened(lambda: "mine", close) == "mine" and closed == ["descriptor"]

@@ -142,7 +142,8 @@ class UnitRows(CatalogDB):
     async def revalidated(self, unit: Unit, headers: dict[str, str], now: float) -> Unit | None:
         """Upstream said 304: the cached unit is fresh again, with any refreshed validators.
 
-        None when the row no longer holds unit's blob (replaced or removed meanwhile).
+        None when the row no longer holds unit's blob (replaced or removed meanwhile), or was
+        expired since unit was read: a 304 to a request sent before a sibling changed is stale.
         """
         client_side = headers
         if unit.source is not None:
@@ -161,7 +162,8 @@ class UnitRows(CatalogDB):
             async with self.transaction() as tx:
                 changed = await tx.execute(
                     """UPDATE units SET validated_at=?, headers=?, etag=?, last_modified=?
-                       WHERE channel=? AND subdir=? AND filename=? AND blob_key=? RETURNING 1""",
+                       WHERE channel=? AND subdir=? AND filename=? AND blob_key=? AND validated_at=?
+                       RETURNING 1""",
                     (
                         now,
                         json.dumps(merged),
@@ -171,6 +173,7 @@ class UnitRows(CatalogDB):
                         k.subdir,
                         k.filename,
                         unit.blob_key,
+                        unit.validated_at,
                     ),
                 )
         except BaseException:
@@ -187,8 +190,12 @@ class UnitRows(CatalogDB):
         names = list(filenames)
         try:
             async with self.transaction() as tx:
+                # Long past, and a new value at each expiry, so that revalidated() can tell that a
+                # row was expired after it was read (a 304 answering an older request must not
+                # refresh it).
                 await tx.executemany(
-                    "UPDATE units SET validated_at=0 WHERE channel=? AND subdir=? AND filename=?",
+                    """UPDATE units SET validated_at=MIN(validated_at, 0) - 1
+                       WHERE channel=? AND subdir=? AND filename=?""",
                     [(channel, subdir, name) for name in names],
                 )
         finally:
