@@ -22,7 +22,7 @@ from condaproxy.errors import (
 from condaproxy.http import cold
 from condaproxy.http.hits import serve_unit
 from condaproxy.http.live import stream
-from condaproxy.http.responses import text
+from condaproxy.http.problem import error, failed
 from condaproxy.http.services import SERVICES, Services
 from condaproxy.http.views import route
 from condaproxy.upstream.admission import Refused
@@ -35,24 +35,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     parsed = parse_path(request.raw_path)
     if isinstance(parsed, Rejection):
-        return text(parsed.status, parsed.reason)
+        return error(request, parsed.status, parsed.reason)
     key = parsed.key
     channel = svc.config.channel(key.channel)
     if channel is None:
-        return text(404, f"channel {key.channel!r} is not served by this proxy")
+        detail = f"channel {key.channel!r} is not served by this proxy; check the name or the proxy's config"
+        return error(request, 404, detail, key=key, type_="urn:condaproxy:problem:unknown-channel")
     try:
         # Before any cache look-up: a private channel's bytes go only to a token its upstream accepts.
         channel = await svc.auth.admit(channel, parsed.token)
     except Refused as exc:
-        return text(exc.status, exc.reason)
+        return error(request, exc.status, exc.reason, key=key, type_="urn:condaproxy:problem:token")
     try:
         # Policies and views: a refusal, a kept revision, or the document made in this one's stead.
         routed = await route(request, svc, parsed, channel)
         if not isinstance(routed, UnitKey):
             return routed
         return await _serve(request, svc, routed, channel)
-    except CatalogBusy:
-        return text(503, "catalog busy, retry shortly", headers={"Retry-After": "1"})
+    except CatalogBusy as exc:
+        return failed(request, exc, key=key)
 
 
 async def _serve(
@@ -125,16 +126,20 @@ async def _follow(
                 served = await serve_unit(request, svc, unit, "STALE", channel)
                 if served is not None:
                     return served
-            return text(exc.status, exc.reason)
+            stale = None
+            if unit is not None and not isinstance(exc, UpstreamNotFound):
+                stale = f"the cached {dl.key.filename} is older than max_stale and is not served"
+            return failed(request, exc, key=dl.key, channel=channel, stale=stale)
         except CondaproxyError as exc:
-            return text(exc.status, str(exc))
+            return failed(request, exc, key=dl.key, channel=channel)
         if state is State.NOT_MODIFIED:
             fresh = await svc.catalog.get(dl.key)
             if fresh is not None:
                 served = await serve_unit(request, svc, fresh, "REVALIDATED", channel)
                 if served is not None:
                     return served
-            return text(502, "cached copy vanished during revalidation")
+            detail = "the cached copy vanished during its revalidation; retry"
+            return error(request, 502, detail, key=dl.key)
         return await stream(request, svc, dl, xcache)
     finally:
         dl.unpin()
