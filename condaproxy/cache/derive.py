@@ -1,5 +1,8 @@
 """Derived units: a repodata variant upstream lacks, made from one it has, kept in step.
 
+Also the CEP-16 shard index (and its shards) of a channel whose upstream has none, built
+from its repodata (built.py).
+
 A derivation runs as the body of an ordinary download (same lock table entry, same readers,
 same persist step), so it happens once however many clients ask. A derived unit records the
 blob it was made from; when that source changes, the derived unit is made again.
@@ -15,12 +18,14 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+from condaproxy.cache.built import SHARD_SOURCES, ShardBuilder
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.inflight import Download, Head
 from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.shardstore import SHARD_HEADERS
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
-from condaproxy.conda.paths import Kind, UnitKey
+from condaproxy.conda.paths import SHARD_INDEX_NAME, Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import CondaproxyError, UpstreamNotFound
 from condaproxy.store.files import hash_file
@@ -42,10 +47,23 @@ def _derived(unit: Unit) -> bool:
     return unit.source is not None and unit.etag is None and unit.last_modified is None
 
 
+def derivation_sources(key: UnitKey) -> list[str]:
+    """What key may be made from, best first: a sibling variant, or for a shard index the repodata."""
+    if key.kind is Kind.SHARD_INDEX:
+        return list(SHARD_SOURCES)
+    return variants.sources(key.filename)
+
+
+def content_type(filename: str) -> str:
+    """The Content-Type of a made unit."""
+    return SHARD_HEADERS["Content-Type"] if filename == SHARD_INDEX_NAME else variants.content_type(filename)
+
+
 class Deriver:
     """Makes a missing variant from the best sibling upstream has."""
 
     def __init__(self, obtain: Obtain, catalog: Catalog, persist: PersistQueue, blob_file: BlobFile) -> None:
+        self._built = ShardBuilder(catalog, persist)
         self._obtain = obtain
         self._catalog = catalog
         self._persist = persist
@@ -67,7 +85,7 @@ class Deriver:
     ) -> CondaproxyError | None:
         key = dl.key
         trouble: CondaproxyError | None = None  # the first source that failed other than by a 404
-        for name in variants.sources(key.filename):
+        for name in derivation_sources(key):
             src_key = UnitKey(key.channel, key.subdir, name, Kind.REPODATA)
             if src_key in self.deriving:
                 continue  # never wait on another derivation: two missing variants would deadlock
@@ -87,15 +105,18 @@ class Deriver:
             loop = asyncio.get_running_loop()
             try:
                 async with self._blob_file(source) as path:
-                    await loop.run_in_executor(
-                        None, variants.transcode, path, name, dl.temp_path, key.filename
-                    )
+                    if key.kind is Kind.SHARD_INDEX:
+                        await self._built.build(dl, source, path)
+                    else:
+                        await loop.run_in_executor(
+                            None, variants.transcode, path, name, dl.temp_path, key.filename
+                        )
                 size, sha = await loop.run_in_executor(None, hash_file, dl.temp_path)
             except Exception as exc:  # an undecodable (or bomb) source: try the next, never crash
                 log.warning("cannot derive %s from %s: %s", key, name, exc)
                 await loop.run_in_executor(None, lambda: dl.temp_path.unlink(missing_ok=True))
                 continue
-            headers = {"Content-Type": variants.content_type(key.filename), "ETag": f'"{sha[:32]}"'}
+            headers = {"Content-Type": content_type(key.filename), "ETag": f'"{sha[:32]}"'}
             if "Last-Modified" in source.headers:
                 headers["Last-Modified"] = source.headers["Last-Modified"]
             dl.start_body(Head(headers, size))

@@ -18,7 +18,7 @@ from cachetools import TTLCache
 
 from condaproxy.cache import altsource, learning
 from condaproxy.cache.catalog.catalog import Catalog
-from condaproxy.cache.derive import Deriver
+from condaproxy.cache.derive import Deriver, derivation_sources
 from condaproxy.cache.freshness import Verdict, verdict
 from condaproxy.cache.inflight import Download, Head, InflightTable
 from condaproxy.cache.integrity import ExpectedLookup
@@ -85,7 +85,7 @@ class Fetcher:
 
         derive=False: never make a missing variant from a sibling (used for derivation sources).
         """
-        derivable = derive and bool(variants.sources(key.filename))
+        derivable = derive and bool(derivation_sources(key))
         if (err := self.not_found.get(key)) is not None and cached is None and not derivable:
             raise err
         if (bad := self.cooldown.get(key)) is not None:

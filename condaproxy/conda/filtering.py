@@ -160,14 +160,15 @@ class _Out:
         self._size = 0
 
 
-def _events(stream: IO[bytes]) -> Iterator[tuple[str, str, Any]]:
+def json_events(stream: IO[bytes]) -> Iterator[tuple[str, str, Any]]:
+    """ijson events of a document, each single token bounded (MAX_TOKEN_BYTES)."""
     guard = Bounded(stream, MAX_TOKEN_BYTES, "a single JSON token runs")
     for item in ijson.parse(guard, use_float=True):
         guard.count = 0  # the budget is per token, not per file
         yield item
 
 
-def _build(events: Iterator[tuple[str, str, Any]]) -> Any:
+def build_value(events: Iterator[tuple[str, str, Any]]) -> Any:
     """The next value of the event stream, built whole (one record: small)."""
     builder = ijson.ObjectBuilder()
     depth = 0
@@ -184,10 +185,10 @@ def _build(events: Iterator[tuple[str, str, Any]]) -> Any:
 
 def iter_records(reader: IO[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(filename, record) for every record of a repodata document, one in memory at a time."""
-    events = _events(reader)
+    events = json_events(reader)
     for prefix, event, value in events:
         if event == "map_key" and is_record_group(prefix):
-            record = _build(events)
+            record = build_value(events)
             if isinstance(record, dict):
                 yield value, record
 
@@ -215,10 +216,10 @@ def filter_repodata(reader: IO[bytes], writer: IO[bytes], judge: Judgement) -> i
             out.value(served)
             kept += 1
 
-    events = _events(reader)
+    events = json_events(reader)
     for prefix, event, value in events:
         if event == "map_key" and is_record_group(prefix):
-            built = _build(events)
+            built = build_value(events)
             if isinstance(built, dict):
                 record(value, built)
             else:  # not a record after all: copied as it is
