@@ -193,8 +193,16 @@ def iter_records(reader: IO[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield value, record
 
 
-def filter_repodata(reader: IO[bytes], writer: IO[bytes], judge: Judgement) -> int:
-    """Copy a repodata document from reader to writer, each record as judge says; returns kept count."""
+def filter_repodata(
+    reader: IO[bytes],
+    writer: IO[bytes],
+    judge: Judgement,
+    info: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> int:
+    """Copy a repodata document from reader to writer, each record as judge says; returns kept count.
+
+    info, if given, makes the top-level `info` object written from the one read.
+    """
     out = _Out(writer)
     kept = 0
 
@@ -225,6 +233,10 @@ def filter_repodata(reader: IO[bytes], writer: IO[bytes], judge: Judgement) -> i
             else:  # not a record after all: copied as it is
                 out.key(value)
                 out.value(built)
+        elif info is not None and event == "map_key" and prefix == "" and value == "info":
+            built = build_value(events)
+            out.key(value)
+            out.value(info(built) if isinstance(built, dict) else built)
         else:
             other(prefix, event, value)
     out.flush()
