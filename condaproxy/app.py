@@ -25,6 +25,7 @@ from condaproxy.cache.housekeeping import flush_touches_forever, reset_temp_dir,
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.policies import PolicyBook
+from condaproxy.cache.private import LearnedPrivate
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
@@ -89,8 +90,22 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     auth = ClientAuth(upstream, config.upstream.auth_ttl)
     cold = ColdFetches(config.lazy.max_cold_per_client)
+    private = LearnedPrivate(catalog)
+    await private.load()
     app[SERVICES] = Services(
-        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold, book, clock
+        config,
+        catalog,
+        store,
+        upstream,
+        inflight,
+        persist,
+        fetcher,
+        metrics,
+        auth,
+        cold,
+        book,
+        clock,
+        private,
     )
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")
     pruner = loop.create_task(
@@ -164,6 +179,7 @@ class Parts:
 
 
 DEFAULT_PARTS = Parts()
+
 
 async def _calibrate(reserve: FdReserve) -> None:
     reserve.calibrate()

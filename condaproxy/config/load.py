@@ -212,5 +212,6 @@ def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> Cha
         header=s.header("header"),
         alternate_source=s.existing_directory("alternate_source", base),
         private=s.boolean("private", False),
+        private_configured=s.get("private") is not None,
         **_cooldown(s, upstream),  # type: ignore[arg-type]
     )

@@ -41,6 +41,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if channel is None:
         detail = f"channel {key.channel!r} is not served by this proxy; check the name or the proxy's config"
         return error(request, 404, detail, key=key, type_="urn:condaproxy:problem:unknown-channel")
+    if svc.private is not None:
+        channel = svc.private.effective(channel)
+    configured = channel
     try:
         # Before any cache look-up: a private channel's bytes go only to a token its upstream accepts.
         channel = await svc.auth.admit(channel, parsed.token)
@@ -54,6 +57,33 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _serve(request, svc, routed, channel)
     except CatalogBusy as exc:
         return failed(request, exc, key=key)
+    except _TokenNeeded as needed:
+        return await _learn(request, svc, configured, parsed.token, needed)
+
+
+class _TokenNeeded(Exception):
+    """The upstream of a channel not known to be private refused us without a token."""
+
+    def __init__(self, key: UnitKey, error: UpstreamError) -> None:
+        super().__init__(str(error))
+        self.key = key
+        self.error = error
+
+
+async def _learn(
+    request: web.Request, svc: Services, channel: ChannelConfig, token: str | None, needed: _TokenNeeded
+) -> web.StreamResponse:
+    """Learn the channel is private if the upstream accepts this client's token; then serve it."""
+    if token is None or svc.private is None:
+        return failed(request, needed.error, key=needed.key, channel=channel)
+    try:
+        accepted = await svc.auth.accepts(channel, token)
+    except Refused as exc:
+        return error(request, exc.status, exc.reason, key=needed.key, type_="urn:condaproxy:problem:token")
+    if not accepted:
+        return failed(request, needed.error, key=needed.key, channel=channel)
+    await svc.private.learn(channel)
+    return await handle(request)  # now private: admitted with this token, fetched with it
 
 
 async def _serve(
@@ -126,6 +156,8 @@ async def _follow(
                 served = await serve_unit(request, svc, unit, "STALE", channel)
                 if served is not None:
                     return served
+            if svc.private is not None and svc.private.may_learn(channel, exc):
+                raise _TokenNeeded(dl.key, exc) from None
             stale = None
             if unit is not None and not isinstance(exc, UpstreamNotFound):
                 stale = f"the cached {dl.key.filename} is older than max_stale and is not served"

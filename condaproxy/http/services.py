@@ -12,6 +12,7 @@ from condaproxy.cache.download import Fetcher
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.policies import Clock, PolicyBook
+from condaproxy.cache.private import LearnedPrivate
 from condaproxy.config.model import Config
 from condaproxy.http.budget import ColdFetches
 from condaproxy.metrics import Metrics
@@ -36,6 +37,7 @@ class Services:
     cold: ColdFetches
     policies: PolicyBook
     clock: Clock = field(default=time.time)
+    private: LearnedPrivate | None = None  # channels learned to be private (None: never learned)
 
 
 SERVICES = web.AppKey("services", Services)

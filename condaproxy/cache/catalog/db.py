@@ -24,7 +24,7 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.errors import CatalogBusy
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 5000
 # Rows kept in memory for hot look-ups. A row costs ~2 KB (its headers): 10,000 bound the
 # cache to ~20 MB, where 50,000 let a 10-minute soak over thousands of channels grow by 89 MB.
@@ -115,6 +115,10 @@ CREATE TABLE IF NOT EXISTS ledger_subdirs (
     since REAL NOT NULL,
     PRIMARY KEY (channel, subdir)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS private_channels (
+    channel TEXT PRIMARY KEY,
+    since REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS revisions (
     channel TEXT NOT NULL,
     subdir TEXT NOT NULL,
@@ -137,6 +141,8 @@ _MIGRATIONS = {
           CREATE INDEX pending_blob ON pending (blob_key);""",
     # The ledger of first sightings and the revision history: created by the schema script.
     4: "SELECT 1;",
+    # Channels learned to be private: created by the schema script.
+    5: "SELECT 1;",
 }
 
 
