@@ -32,7 +32,9 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "lazy": tuple(f.name for f in fields(LazyConfig)),
     "cache": tuple(f.name for f in fields(CacheConfig)),
     "upstream": tuple(f.name for f in fields(UpstreamConfig)),
-    _CHANNEL_PREFIX: tuple(f.name for f in fields(ChannelConfig) if f.name not in ("name", "urls")),
+    _CHANNEL_PREFIX: tuple(
+        f.name for f in fields(ChannelConfig) if f.name not in ("name", "urls", "private_configured")
+    ),
 }
 
 
@@ -128,6 +130,13 @@ def _duration(s: Section, key: str, default: float) -> float:
         raise s.error(key, str(exc)) from None
 
 
+def _notice_level(s: Section) -> str:
+    level = (s.get("notice_level") or "info").lower()
+    if level not in ("info", "warning", "critical"):
+        raise s.error("notice_level", f"expected info, warning or critical, got {level!r}")
+    return level
+
+
 def _cooldown(s: Section, inherited: UpstreamConfig | None) -> dict[str, object]:
     """min_age, min_age_exempt, min_age_unknown and indexed_timestamp, defaulting to inherited."""
     d = inherited or UpstreamConfig()
@@ -213,5 +222,7 @@ def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> Cha
         alternate_source=s.existing_directory("alternate_source", base),
         private=s.boolean("private", False),
         private_configured=s.get("private") is not None,
+        notice=s.get("notice"),
+        notice_level=_notice_level(s),
         **_cooldown(s, upstream),  # type: ignore[arg-type]
     )

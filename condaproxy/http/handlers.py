@@ -11,6 +11,7 @@ from aiohttp import web
 from condaproxy.cache.freshness import Verdict, may_serve_stale, verdict
 from condaproxy.cache.inflight import Download, State
 from condaproxy.cache.unit import Unit
+from condaproxy.conda.notices import NOTICES_NAME
 from condaproxy.conda.paths import Rejection, UnitKey, parse_path
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import (
@@ -19,7 +20,7 @@ from condaproxy.errors import (
     UpstreamError,
     UpstreamNotFound,
 )
-from condaproxy.http import cold
+from condaproxy.http import cold, notices
 from condaproxy.http.hits import serve_unit
 from condaproxy.http.live import stream
 from condaproxy.http.problem import error, failed
@@ -49,6 +50,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         channel = await svc.auth.admit(channel, parsed.token)
     except Refused as exc:
         return error(request, exc.status, exc.reason, key=key, type_="urn:condaproxy:problem:token")
+    if key.subdir == "" and key.filename == NOTICES_NAME and parsed.when is None:
+        return await notices.serve(request, svc, key, channel)
     try:
         # Policies and views: a refusal, a kept revision, or the document made in this one's stead.
         routed = await route(request, svc, parsed, channel)
@@ -155,6 +158,7 @@ async def _follow(
                 assert unit is not None
                 served = await serve_unit(request, svc, unit, "STALE", channel)
                 if served is not None:
+                    svc.troubles.served_stale(channel.name, exc.reason, now)
                     return served
             if svc.private is not None and svc.private.may_learn(channel, exc):
                 raise _TokenNeeded(dl.key, exc) from None
