@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuHook, CpuPool, default_workers
 from condaproxy.cache.derive import Deriver
 from condaproxy.cache.download import Fetcher
 from condaproxy.cache.evict import Evictor
@@ -26,6 +27,7 @@ from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.policies import PolicyBook
 from condaproxy.cache.private import LearnedPrivate
+from condaproxy.cache.refusals import Refusals
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
@@ -39,6 +41,7 @@ from condaproxy.http.services import SERVICES, Services
 from condaproxy.metrics import Metrics
 from condaproxy.store.filesystem import FilesystemStore
 from condaproxy.upstream.admission import ClientAuth
+from condaproxy.upstream.ratelimit import ProbeLimiter
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +70,34 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     from condaproxy.upstream.client import Upstream
 
     upstream = Upstream()
+    # CPU-heavy jobs get threads of their own; the loop's default executor keeps file I/O.
+    cpu = CpuPool(config.cache.cpu_workers or default_workers(), config.cache.cpu_queue, app.get(CPU_HOOK))
     persist = PersistQueue(store, catalog, metrics, config.cache.persist_workers)
     inflight = InflightTable(temp)
     fetcher = Fetcher(
-        config=config, catalog=catalog, upstream=upstream, persist=persist, inflight=inflight, metrics=metrics
+        config=config,
+        catalog=catalog,
+        upstream=upstream,
+        persist=persist,
+        inflight=inflight,
+        metrics=metrics,
+        cpu=cpu,
+        refusals=Refusals(catalog, metrics),
     )
-    resolver = DigestResolver(catalog, store, fetcher, temp)
+    resolver = DigestResolver(catalog, store, fetcher, temp, cpu)
     fetcher.expected = resolver
     fetcher.deriver = Deriver(
-        lambda key, channel: fetcher.obtain(key, channel, derive=False), catalog, persist, resolver.blob_file
+        lambda key, channel: fetcher.obtain(key, channel, derive=False),
+        catalog,
+        persist,
+        resolver.blob_file,
+        cpu=cpu,
+        per_client=config.cache.derivations_per_client,
+        metrics=metrics,
     )
     metrics.inflight.set_function(lambda: len(inflight))
+    metrics.cpu_jobs.set_function(lambda: cpu.admitted)
+    metrics.cpu_waiting.set_function(lambda: cpu.waiting)
     book = PolicyBook(config, metrics, clock)
     fetcher.filtered = Filtered(
         book,
@@ -88,7 +108,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         lambda: book.config.cache.repodata_ttl,
         lambda key: key in fetcher.not_found,
     )
-    auth = ClientAuth(upstream, config.upstream.auth_ttl)
+    auth = ClientAuth(upstream, config.upstream.auth_ttl, ProbeLimiter(*config.upstream.auth_probe_rate))
     cold = ColdFetches(config.lazy.max_cold_per_client)
     private = LearnedPrivate(catalog)
     await private.load()
@@ -120,7 +140,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[EVICTOR] = evictor = Evictor(config.cache, catalog, store, inflight)
     if config.cache.max_size:
         evictor.start()
-    scrubber = Scrubber(config.cache.scrub_interval, catalog, store, metrics)
+    scrubber = Scrubber(config.cache.scrub_interval, catalog, store, metrics, cpu)
     if config.cache.scrub_interval:
         scrubber.start()
     try:
@@ -138,6 +158,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         # Whatever the shutdown's first step left (downloads started by the last requests).
         await inflight.close(grace=deadline.left())
         await persist.close(timeout=deadline.left())
+        await cpu.close()  # after the downloads: a job of a cancelled one may still be running
         await auth.close()
         await upstream.close()
         await catalog.close()
@@ -198,6 +219,7 @@ PARTS = web.AppKey("parts", Parts)
 DEADLINE = web.AppKey("deadline", Deadline)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 EVICTOR = web.AppKey("evictor", Evictor)
+CPU_HOOK = web.AppKey("cpu_hook", CpuHook)
 
 
 def create_app(
@@ -207,12 +229,14 @@ def create_app(
     parts: Parts = DEFAULT_PARTS,
     fd_reserve: FdReserve | None = None,
     clock: Callable[[], float] = time.time,
+    cpu_hook: CpuHook | None = None,
 ) -> web.Application:
     """Build the streamer application for config; nothing starts until the app runs.
 
     client_timeout bounds both the wait for a complete request head and an idle keep-alive;
     fd_reserve: the descriptors kept from clients (default: from this process's limit);
     clock is the time policies, the ledger and revisions go by (tests move it instead of sleeping).
+    cpu_hook is told of every CPU pool job (tests hold jobs with it and see where they ran).
     """
     reserve = fd_reserve or FdReserve.current()
     app = web.Application(
@@ -234,6 +258,8 @@ def create_app(
     app[PARTS] = parts
     app[DEADLINE] = Deadline(config.lazy.shutdown_grace)
     app[CLOCK] = clock
+    if cpu_hook is not None:
+        app[CPU_HOOK] = cpu_hook
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_stop_downloads)
     if reserve is not None:

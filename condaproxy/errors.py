@@ -77,6 +77,25 @@ class CacheDiskError(CondaproxyError):
     status = 503
 
 
+class RefusedDocument(CondaproxyError, ValueError):
+    """A document past a bound set for reading it (nesting, work, size, objects): never parsed on.
+
+    reason is a short label for metrics: depth, work, token, inflated or objects.
+    """
+
+    status = 502
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class Overloaded(CondaproxyError):
+    """Too much CPU work is queued, or this client started enough of it: try again shortly."""
+
+    status = 503
+
+
 class CatalogBusy(CondaproxyError):
     """SQLite stayed locked beyond its timeout."""
 

@@ -49,6 +49,25 @@ class Metrics:
         self.scrub_purged = Counter(
             "condaproxy_scrub_purged", "Units dropped by the scrub: their blob no longer matched", registry=r
         )
+        self.refused_documents = Counter(
+            "condaproxy_refused_documents",
+            "Documents refused once and never read again: past a nesting, work, size or object bound",
+            ["reason"],
+            registry=r,
+        )
+        self.cpu_jobs = Gauge(
+            "condaproxy_cpu_jobs", "CPU jobs admitted to the CPU pool (running or queued there)", registry=r
+        )
+        self.cpu_waiting = Gauge(
+            "condaproxy_cpu_waiting", "CPU jobs waiting for room in the CPU pool's queue", registry=r
+        )
+        self.overloaded = Counter(
+            "condaproxy_overloaded",
+            "Derivations refused with 503: the CPU pool's queue was full (pool), or the client had "
+            "enough running (client)",
+            ["reason"],
+            registry=r,
+        )
 
         self.policy_held = Gauge(
             "condaproxy_policy_held",

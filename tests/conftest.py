@@ -16,6 +16,7 @@ from proxy import Proxy, make_config
 from upstream import FakeUpstream
 
 from condaproxy.app import DEFAULT_PARTS, Parts
+from condaproxy.cache.cpu import CpuHook
 
 CHANNEL_PREFIX = "testchan"
 
@@ -44,9 +45,11 @@ async def proxy_factory(
 ) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     """Start in-process proxies in front of ``upstream``: ``await proxy_factory(**cache_keys)``.
 
-    Keyword arguments override ``[cache]`` keys; ``handler_cancellation`` picks aiohttp's mode
-    (``run_app`` defaults to False, the test server to True: the proxy must be right in both);
-    ``parts`` the catalog and store classes (gates.GATED to hold the proxy's own steps).
+    Keyword arguments override ``[cache]`` keys, or give ``trusted`` origins (see make_config);
+    ``handler_cancellation`` picks aiohttp's mode (``run_app`` defaults to False, the test
+    server to True: the proxy must be right in both); ``parts`` the catalog and store classes
+    (gates.GATED to hold the proxy's own steps);
+    ``cpu_hook`` is told of every CPU pool job.
     """
     started: list[Proxy] = []
 
@@ -55,11 +58,12 @@ async def proxy_factory(
         handler_cancellation: bool = False,
         cache_dir: Path | None = None,
         parts: Parts = DEFAULT_PARTS,
+        cpu_hook: CpuHook | None = None,
         **cache: Any,
     ) -> Proxy:
         directory = cache_dir or tmp_path / f"cache{len(started)}"
         config = make_config(directory, upstream.url, **cache)
-        proxy = Proxy(config, handler_cancellation=handler_cancellation, parts=parts)
+        proxy = Proxy(config, handler_cancellation=handler_cancellation, parts=parts, cpu_hook=cpu_hook)
         started.append(proxy)
         return await proxy.start()
 

@@ -23,16 +23,29 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from condaproxy.app import DEFAULT_PARTS, Parts, create_app, server_options
-from condaproxy.config.model import CacheConfig, Config, LazyConfig, UpstreamConfig
+from condaproxy.cache.cpu import CpuHook
+from condaproxy.config.model import CacheConfig, ChannelConfig, Config, LazyConfig, UpstreamConfig
 from condaproxy.http.services import SERVICES, Services
 
 
-def make_config(cache_dir: Path, upstream_url: str, **cache: Any) -> Config:
-    """A config whose unlisted channels map to the fake upstream, with a private cache dir."""
+def make_config(
+    cache_dir: Path, upstream_url: str, *, trusted: Mapping[str, Sequence[str]] | None = None, **cache: Any
+) -> Config:
+    """A config whose unlisted channels map to the fake upstream, with a private cache dir.
+
+    trusted: channel name -> the origins its metadata may name although they are not public
+    https hosts (trusted_origins); each such channel gets a section of its own.
+    """
+    upstream = UpstreamConfig(default=upstream_url, connect_timeout=5.0, read_timeout=5.0)
+    channels = {
+        name: ChannelConfig(name, f"{upstream_url}/{name}", 5.0, 5.0, trusted_origins=tuple(origins))
+        for name, origins in (trusted or {}).items()
+    }
     return Config(
         LazyConfig(streamer_interface=("127.0.0.1",)),
         replace(CacheConfig(directory=cache_dir), **cache),
-        UpstreamConfig(default=upstream_url, connect_timeout=5.0, read_timeout=5.0),
+        upstream,
+        channels,
     )
 
 
@@ -62,9 +75,10 @@ class Proxy:
         client_timeout: float | None = None,
         parts: Parts = DEFAULT_PARTS,
         clock: Callable[[], float] | None = None,
+        cpu_hook: CpuHook | None = None,
     ) -> None:
         self.config = config
-        options: dict[str, Any] = {"parts": parts}
+        options: dict[str, Any] = {"parts": parts, "cpu_hook": cpu_hook}
         if client_timeout is not None:
             options["client_timeout"] = client_timeout
         if clock is not None:
@@ -164,6 +178,13 @@ class ProxyProcess:
     def rss(self) -> int:
         """The child's resident set size in bytes."""
         return int(psutil.Process(self.pid).memory_info().rss)
+
+    def peak_rss(self) -> int:
+        """The child's peak resident set size in bytes so far (VmHWM: no sampling to miss it)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/PID/status")
 
     def open_fds(self) -> int:
         """File descriptors the child holds."""

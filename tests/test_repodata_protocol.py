@@ -202,8 +202,10 @@ async def foreign_shards(upstream: FakeUpstream, channel: Channel, tmp_path: Pat
 
 
 async def test_absolute_shards_base_url_is_rewritten_and_mapped(
-    proxy: Proxy, upstream: FakeUpstream, foreign_shards: FakeUpstream, channel: Channel, tmp_path: Path
+    proxy_factory, upstream: FakeUpstream, foreign_shards: FakeUpstream, channel: Channel, tmp_path: Path
 ) -> None:
+    # The second host is plain http on 127.0.0.1: the channel's section says it is trusted.
+    proxy = await proxy_factory(trusted={"cdnchan": (foreign_shards.url,)})
     index = await proxy.get("/cdnchan/noarch/repodata_shards.msgpack.zst")
     served = msgpack.unpackb(unzstd(index.body), raw=False)
     assert served["info"]["shards_base_url"] == "./shards/"
@@ -225,7 +227,9 @@ async def test_a_shard_asked_for_after_its_index_was_evicted_still_comes_from_it
     # A client keeps its index for up to an hour; the proxy may evict it meanwhile and restart,
     # and the start forgets the bases of subdirs with no metadata left.
     cache = tmp_path / "shared-cache"
-    first: Proxy = await proxy_factory(cache_dir=cache)
+    # The second host is plain http on 127.0.0.1: the channel's section says it is trusted.
+    trusted = {"cdnchan": (foreign_shards.url,)}
+    first: Proxy = await proxy_factory(cache_dir=cache, trusted=trusted)
     index = await first.get("/cdnchan/noarch/repodata_shards.msgpack.zst")
     await settle(first)
     digest = next(iter(msgpack.unpackb(unzstd(index.body), raw=False)["shards"].values())).hex()
@@ -233,7 +237,7 @@ async def test_a_shard_asked_for_after_its_index_was_evicted_still_comes_from_it
     [unit] = [u for u in await catalog.all_units() if u.key.filename == "repodata_shards.msgpack.zst"]
     assert await remove_unit(catalog, first.services.store, unit.key, unit.blob_key)
     await first.close()
-    second: Proxy = await proxy_factory(cache_dir=cache)
+    second: Proxy = await proxy_factory(cache_dir=cache, trusted=trusted)
     assert await second.services.catalog.shard_base("cdnchan", "noarch") is None
     shard = await second.get(f"/cdnchan/noarch/shards/{digest}.msgpack.zst")
     assert shard.status == 200 and hashlib.sha256(shard.body).hexdigest() == digest
@@ -309,12 +313,14 @@ async def test_index_naming_its_own_shards_by_absolute_url_is_still_rewritten(
 
 
 async def test_index_naming_a_foreign_package_base_is_rewritten_and_mapped(
-    proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+    proxy_factory, upstream: FakeUpstream, channel: Channel, tmp_path: Path
 ) -> None:
     """A shard-only client learns package locations from the index's info.base_url (CEP-15)."""
     pkghost = FakeUpstream()
     await pkghost.start()
     try:
+        # The package host is plain http on 127.0.0.1: the channel's section says it is trusted.
+        proxy = await proxy_factory(trusted={"pkgbase": (pkghost.url,)})
         root = tmp_path / "pkgbase"
         for subdir in ("noarch", "linux-64"):
             pkghost.mount(f"pkgs/{subdir}", channel.path / subdir)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.inflight import Download
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.shardstore import keep_shard, shard_key
@@ -38,9 +39,10 @@ def _build(src: Path, src_name: str, work: Path, index: Path, subdir: str) -> li
 class ShardBuilder:
     """Builds a subdir's shard index into a download's temp file, storing its shards first."""
 
-    def __init__(self, catalog: Catalog, persist: PersistQueue) -> None:
+    def __init__(self, catalog: Catalog, persist: PersistQueue, cpu: CpuPool) -> None:
         self._catalog = catalog
         self._persist = persist
+        self._cpu = cpu
 
     async def build(self, dl: Download, source: Unit, path: Path) -> None:
         """Write the index built from source (its blob at path) to dl.temp_path; shards stored."""
@@ -48,8 +50,8 @@ class ShardBuilder:
         work = dl.temp_path.with_name(f"{dl.temp_path.name}.shards")
         loop = asyncio.get_running_loop()
         try:
-            shards = await loop.run_in_executor(
-                None, _build, path, source.key.filename, work, dl.temp_path, key.subdir
+            shards = await self._cpu.run(
+                _build, path, source.key.filename, work, dl.temp_path, key.subdir, refuse=True
             )
             for shard in shards:
                 await keep_shard(

@@ -6,6 +6,11 @@ from its repodata (built.py).
 A derivation runs as the body of an ordinary download (same lock table entry, same readers,
 same persist step), so it happens once however many clients ask. A derived unit records the
 blob it was made from; when that source changes, the derived unit is made again.
+
+Deriving costs CPU for seconds (bz2 at level 9 of conda-forge's repodata: half a minute), so
+each client may have only a few derivations running, and a derivation that finds the CPU pool's
+queue full is refused (Overloaded: 503) rather than queued. Transcoding streams: its cost is
+linear in the decoded size, which is bounded (conda.decoding), however the document nests.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from condaproxy.cache.built import SHARD_SOURCES, ShardBuilder
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.inflight import Download, Head
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.shardstore import SHARD_HEADERS
@@ -27,7 +34,8 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
 from condaproxy.conda.paths import SHARD_INDEX_NAME, Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
-from condaproxy.errors import CondaproxyError, UpstreamNotFound
+from condaproxy.errors import CondaproxyError, Overloaded, UpstreamNotFound
+from condaproxy.metrics import Metrics
 from condaproxy.store.files import hash_file
 
 log = logging.getLogger(__name__)
@@ -62,23 +70,49 @@ def content_type(filename: str) -> str:
 class Deriver:
     """Makes a missing variant from the best sibling upstream has."""
 
-    def __init__(self, obtain: Obtain, catalog: Catalog, persist: PersistQueue, blob_file: BlobFile) -> None:
-        self._built = ShardBuilder(catalog, persist)
+    def __init__(
+        self,
+        obtain: Obtain,
+        catalog: Catalog,
+        persist: PersistQueue,
+        blob_file: BlobFile,
+        *,
+        cpu: CpuPool,
+        per_client: int,
+        metrics: Metrics,
+    ) -> None:
         self._obtain = obtain
         self._catalog = catalog
         self._persist = persist
         self._blob_file = blob_file
+        self._cpu = cpu
+        self._per_client = per_client
+        self._metrics = metrics
+        self._built = ShardBuilder(catalog, persist, cpu)
         self.deriving: set[UnitKey] = set()
+        self._by_client: Counter[str] = Counter()  # derivations running, by the address that asked
 
     async def derive(
-        self, dl: Download, channel: ChannelConfig, cached: Unit | None
+        self, dl: Download, channel: ChannelConfig, cached: Unit | None, client: str | None = None
     ) -> CondaproxyError | None:
-        """Fill dl from a sibling variant; else why not (UpstreamNotFound: no sibling upstream)."""
+        """Fill dl from a sibling variant; else why not (UpstreamNotFound: no sibling upstream).
+
+        Overloaded when client already has per_client derivations running, or the CPU pool is full.
+        """
+        if client is not None and self._by_client[client] >= self._per_client:
+            self._metrics.overloaded.labels("client").inc()
+            raise Overloaded(f"{self._per_client} derivations from this client are running already")
         self.deriving.add(dl.key)
+        if client is not None:
+            self._by_client[client] += 1
         try:
             return await self._derive(dl, channel, cached)
         finally:
             self.deriving.discard(dl.key)
+            if client is not None:
+                self._by_client[client] -= 1
+                if not self._by_client[client]:
+                    del self._by_client[client]
 
     async def _derive(
         self, dl: Download, channel: ChannelConfig, cached: Unit | None
@@ -108,10 +142,13 @@ class Deriver:
                     if key.kind is Kind.SHARD_INDEX:
                         await self._built.build(dl, source, path)
                     else:
-                        await loop.run_in_executor(
-                            None, variants.transcode, path, name, dl.temp_path, key.filename
+                        await self._cpu.run(
+                            variants.transcode, path, name, dl.temp_path, key.filename, refuse=True
                         )
-                size, sha = await loop.run_in_executor(None, hash_file, dl.temp_path)
+                size, sha = await self._cpu.run(hash_file, dl.temp_path)
+            except Overloaded:
+                self._metrics.overloaded.labels("pool").inc()
+                raise
             except Exception as exc:  # an undecodable (or bomb) source: try the next, never crash
                 log.warning("cannot derive %s from %s: %s", key, name, exc)
                 await loop.run_in_executor(None, lambda: dl.temp_path.unlink(missing_ok=True))

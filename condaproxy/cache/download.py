@@ -18,11 +18,13 @@ from cachetools import TTLCache
 
 from condaproxy.cache import altsource, learning
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.derive import Deriver, derivation_sources
 from condaproxy.cache.freshness import Verdict, verdict
 from condaproxy.cache.inflight import Download, Head, InflightTable
 from condaproxy.cache.integrity import ExpectedLookup
 from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.refusals import Refusals
 from condaproxy.cache.transfer import Receiver
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
@@ -31,6 +33,8 @@ from condaproxy.config.model import ChannelConfig, Config
 from condaproxy.errors import (
     CondaproxyError,
     IntegrityError,
+    Overloaded,
+    RefusedDocument,
     UpstreamError,
     UpstreamNotFound,
     UpstreamUnavailable,
@@ -38,6 +42,7 @@ from condaproxy.errors import (
 from condaproxy.metrics import Metrics
 from condaproxy.upstream.client import Upstream, Validators
 from condaproxy.upstream.headers import passthrough_headers
+from condaproxy.upstream.mirrors import elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class Fetcher:
         persist: PersistQueue,
         inflight: InflightTable,
         metrics: Metrics,
+        cpu: CpuPool,
+        refusals: Refusals,
     ) -> None:
         self.config = config
         self.catalog = catalog
@@ -64,26 +71,36 @@ class Fetcher:
         self.persist = persist
         self.inflight = inflight
         self.metrics = metrics
+        self.cpu = cpu
+        self.refusals = refusals
         self.expected: ExpectedLookup | None = None  # set by the app (expected.DigestResolver)
         self.deriver: Deriver | None = None  # set by the app
         # Set by the app: makes policy and view documents (False: not one of those names).
         self.filtered: Callable[[Download, ChannelConfig, Unit | None], Awaitable[bool]] | None = None
-        self._receiver = Receiver(catalog, metrics, self._failed)
+        self._receiver = Receiver(catalog, metrics, self._failed, cpu, refusals)
         # Upstream 404s are remembered briefly, never for long (the file may appear soon).
         self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
             maxsize=65536, ttl=max(config.cache.negative_ttl, 0.001)
         )
-        # A URL that served bytes not matching the channel's metadata is not retried at once.
-        self.cooldown: TTLCache[UnitKey, IntegrityError] = TTLCache(
+        # A URL that served bytes not matching the channel's metadata (or a document refused
+        # unread) is not retried at once.
+        self.cooldown: TTLCache[UnitKey, IntegrityError | RefusedDocument] = TTLCache(
             maxsize=4096, ttl=max(config.cache.integrity_cooldown, 0.001)
         )
 
     def start(
-        self, key: UnitKey, channel: ChannelConfig, cached: Unit | None, *, derive: bool = True
+        self,
+        key: UnitKey,
+        channel: ChannelConfig,
+        cached: Unit | None,
+        *,
+        derive: bool = True,
+        client: str | None = None,
     ) -> Download:
         """Start the one download of key (the caller checked none is in flight).
 
         derive=False: never make a missing variant from a sibling (used for derivation sources).
+        client: the address of the client asking, whose derivations are bounded.
         """
         derivable = derive and bool(derivation_sources(key))
         if (err := self.not_found.get(key)) is not None and cached is None and not derivable:
@@ -91,7 +108,7 @@ class Fetcher:
         if (bad := self.cooldown.get(key)) is not None:
             raise bad
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
-        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable))
+        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable, client))
 
     async def probe(self, key: UnitKey, channel: ChannelConfig) -> Head:
         """What a GET of a package or shard would start with, without downloading it.
@@ -108,7 +125,7 @@ class Fetcher:
             if known is not None and known[1] is not None:
                 return Head({}, known[1])
         try:
-            resp, _ = await self._open(channel, key, await self._url(channel, key), None, method="HEAD")
+            resp, _, _ = await self._open(channel, key, await self._url(channel, key), None, method="HEAD")
         except UpstreamNotFound as exc:
             self.not_found[key] = exc
             raise
@@ -149,11 +166,13 @@ class Fetcher:
             return None, UpstreamUnavailable(f"{key.filename} vanished from the cache")
         return unit, dl.error
 
-    async def learn_from(self, key: UnitKey, path: Path) -> None:
-        """Record the package digests that a repodata file or shard at path states."""
-        await self._learn(key, path)
+    async def learn_from(self, unit: Unit, path: Path) -> None:
+        """Record the package digests that a repodata file or shard at path (unit's bytes) states."""
+        await self._learn(unit, path)
 
-    async def _run(self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool) -> None:
+    async def _run(
+        self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool, client: str | None
+    ) -> None:
         key = dl.key
         if key.kind is Kind.PACKAGE and await altsource.serve(dl, channel, self.expected, self.persist):
             return  # a verified copy from the channel's alternate source: no upstream fetch
@@ -161,17 +180,18 @@ class Fetcher:
             # A content-coded representation exists only here: always derived, never fetched.
             if self.filtered is not None and await self.filtered(dl, channel, cached):
                 return  # a policy or view document
-            await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"))
+            await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"), client)
             return
         url = await self._url(channel, key)
         validators = Validators(cached.etag, cached.last_modified) if cached else None
         try:
             if (missing := self.not_found.get(key)) is not None:
                 raise missing  # known missing upstream: go straight to deriving it
-            resp, url = await self._open(channel, key, url, validators)  # url: redacted, as served
+            # url: redacted, as served; foreign: from an origin the channel's metadata named
+            resp, url, foreign = await self._open(channel, key, url, validators)
         except UpstreamNotFound as exc:
             if derive:
-                await self._derive(dl, channel, cached, exc)
+                await self._derive(dl, channel, cached, exc, client)
             else:
                 self._failed(dl, exc)
             return
@@ -186,11 +206,11 @@ class Fetcher:
                     return
                 # The cached copy went away meanwhile (evicted, replaced): fetch it whole.
                 resp.release()
-                resp, url = await self._open(channel, key, url, None)
+                resp, url, _ = await self._open(channel, key, url, None)  # the same place as before
             if resp.status == 304:
                 self._failed(dl, UpstreamUnavailable("upstream answered 304 to an unconditional GET"))
                 return
-            unit = await self._receiver.receive(dl, resp, channel, url, self.expected)
+            unit = await self._receiver.receive(dl, resp, channel, url, self.expected, whole=foreign)
             if unit is not None:
                 await self._keep(unit, dl, cached)
         except CondaproxyError as exc:
@@ -210,7 +230,7 @@ class Fetcher:
         except Exception:
             return  # counted and logged by the persist queue; the client already has its bytes
         if key.kind in (Kind.REPODATA, Kind.SHARD):
-            await self._learn(key, dl.temp_path)
+            await self._learn(unit, dl.temp_path)
 
     async def _open(
         self,
@@ -220,11 +240,17 @@ class Fetcher:
         validators: Validators | None,
         *,
         method: str = "GET",
-    ) -> tuple[aiohttp.ClientResponse, str]:
-        """upstream.open(url); a package missing there is looked for where its metadata says."""
+    ) -> tuple[aiohttp.ClientResponse, str, bool]:
+        """upstream.open(url); a package missing there is looked for where its metadata says.
+
+        Also says whether the bytes come from another origin the channel's metadata named.
+        """
         metadata = key.kind in METADATA_KINDS
         try:
-            return await self.upstream.open(channel, url, validators, method=method, metadata=metadata)
+            resp, served = await self.upstream.open(
+                channel, url, validators, method=method, metadata=metadata
+            )
+            return resp, served, elsewhere(channel, url)
         except UpstreamNotFound:
             if key.kind is Kind.SHARD:
                 # A client may hold an index the proxy no longer caches, and so no longer knows the
@@ -240,7 +266,10 @@ class Fetcher:
             moved = await self._url(channel, key)
             if moved == url:
                 raise
-            return await self.upstream.open(channel, moved, validators, method=method, metadata=metadata)
+            resp, served = await self.upstream.open(
+                channel, moved, validators, method=method, metadata=metadata
+            )
+            return resp, served, elsewhere(channel, moved)
 
     async def _url(self, channel: ChannelConfig, key: UnitKey) -> str:
         """Where a unit lives: its path on the channel's mirrors, or a URL its metadata named."""
@@ -253,14 +282,28 @@ class Fetcher:
         return key.path
 
     async def _derive(
-        self, dl: Download, channel: ChannelConfig, cached: Unit | None, missing: UpstreamNotFound
+        self,
+        dl: Download,
+        channel: ChannelConfig,
+        cached: Unit | None,
+        missing: UpstreamNotFound,
+        client: str | None,
     ) -> None:
         """Make a variant upstream lacks from a sibling it has; else fail with missing, or 5xx.
 
         404 only when every source is missing upstream too: a source that failed otherwise
         (5xx, timeout) makes it a 502/504, which clients do not remember for days.
         """
-        failure = await self.deriver.derive(dl, channel, cached) if self.deriver is not None else missing
+        try:
+            failure = (
+                await self.deriver.derive(dl, channel, cached, client)
+                if self.deriver is not None
+                else missing
+            )
+        except Overloaded as exc:  # too much CPU work already: 503, try again shortly (counted)
+            log.warning("not deriving %s now: %s", dl.key, exc)
+            dl.fail(exc)
+            return
         if isinstance(failure, UpstreamNotFound):
             self._failed(dl, missing)
         elif failure is not None:
@@ -274,15 +317,19 @@ class Fetcher:
         elif isinstance(exc, IntegrityError):
             self.cooldown[dl.key] = exc
             self.metrics.integrity_failures.inc()
+        elif isinstance(exc, RefusedDocument):
+            self.cooldown[dl.key] = exc
         self.metrics.upstream_failures.labels(type(exc).__name__).inc()
         log.warning("fetch of %s failed: %s", dl.key, exc)
         dl.fail(exc)
 
-    async def _learn(self, key: UnitKey, path: Path) -> None:
-        loop = asyncio.get_running_loop()
+    async def _learn(self, unit: Unit, path: Path) -> None:
+        key = unit.key
+        if (reason := await self.refusals.known(unit)) is not None:
+            log.info("not learning from %s: its document was refused before (%s)", key, reason)
+            return
         try:
-            count = await loop.run_in_executor(
-                None,
+            count = await self.cpu.run(
                 learning.learn,
                 self.catalog.path,
                 key.channel,
@@ -291,6 +338,9 @@ class Fetcher:
                 path,
                 self.catalog.clock(),
             )
+        except RefusedDocument as exc:  # past a bound: refused once, never read again
+            await self.refusals.record(unit.sha256, key, exc)
+            return
         except Exception as exc:  # a malformed file must not take the proxy down
             log.warning("could not learn digests from %s: %s", key, exc)
             return

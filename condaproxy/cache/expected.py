@@ -7,17 +7,18 @@ shard naming the package, else repodata.json(.zst) - fetched through the proxy, 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.download import Fetcher
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import paths, shards
 from condaproxy.conda.paths import SHARD_INDEX_NAME, Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
+from condaproxy.errors import RefusedDocument
 from condaproxy.store.blobstore import BlobStore, local_copy
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,14 @@ Expected = tuple[str, int | None]
 class DigestResolver:
     """Answers "what sha256 and size does the channel say this package has?"."""
 
-    def __init__(self, catalog: Catalog, store: BlobStore, fetcher: Fetcher, temp_dir: Path) -> None:
+    def __init__(
+        self, catalog: Catalog, store: BlobStore, fetcher: Fetcher, temp_dir: Path, cpu: CpuPool
+    ) -> None:
         self._catalog = catalog
         self._store = store
         self._fetcher = fetcher
         self._temp_dir = temp_dir
+        self._cpu = cpu
 
     async def __call__(self, key: UnitKey, channel: ChannelConfig) -> Expected | None:
         """The expected digest of a package, learning it from channel metadata if need be."""
@@ -55,7 +59,7 @@ class DigestResolver:
         if await self._catalog.expected(key.channel, key.subdir, key.filename) is None:
             # Cached earlier but never learned from (say, a crash right after persisting).
             async with self.blob_file(unit) as path:
-                await self._fetcher.learn_from(meta_key, path)
+                await self._fetcher.learn_from(unit, path)
         return True
 
     async def _from_shards(self, key: UnitKey, channel: ChannelConfig) -> bool:
@@ -64,14 +68,20 @@ class DigestResolver:
         index = await self._fetcher.ensure(index_key, channel)
         if index is None:
             return False
-        loop = asyncio.get_running_loop()
+        name = paths.package_name(key.filename)
+        refusals = self._fetcher.refusals
+        if await refusals.known(index) is not None:
+            return False  # its index was refused before: repodata may still say
         try:
             async with self.blob_file(index) as path:
-                base, by_name = await loop.run_in_executor(None, shards.read_shard_index, path)
+                base, by_name = await self._cpu.run(shards.read_shard_index, path, {name})
+        except RefusedDocument as exc:
+            await refusals.record(index.sha256, index_key, exc)
+            return False
         except Exception as exc:
             log.warning("unreadable shard index %s: %s", index_key, exc)
             return False
-        digest = by_name.get(paths.package_name(key.filename))
+        digest = by_name.get(name)
         if digest is None:
             return True  # the channel does not list this package
         if base.rstrip("/") not in ("./shards", "shards"):

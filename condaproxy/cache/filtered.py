@@ -31,7 +31,7 @@ from condaproxy.conda.decoding import open_decoded
 from condaproxy.conda.filtering import Judge, filter_repodata, filter_shard, pack_shard, shard_records
 from condaproxy.conda.paths import SHARD_INDEX_NAME, Kind, UnitKey
 from condaproxy.conda.policy import Policy
-from condaproxy.conda.shards import unpack_zst_msgpack
+from condaproxy.conda.shards import MAX_INDEX_BYTES, unpack_zst_msgpack
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import UpstreamUnavailable
 from condaproxy.store.files import hash_file
@@ -202,7 +202,7 @@ class Filtered:
         loop = asyncio.get_running_loop()
         try:
             async with self._blob_file(source) as path:
-                index = await loop.run_in_executor(None, unpack_zst_msgpack, path)
+                index = await loop.run_in_executor(None, unpack_zst_msgpack, path, MAX_INDEX_BYTES)
         except Exception as exc:
             log.warning("cannot filter %s: %s", source.key, exc)
             return None

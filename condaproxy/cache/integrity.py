@@ -64,16 +64,26 @@ def watch(dl: Download, lookup: Lookup | None) -> None:
     lookup.add_done_callback(resolved)
 
 
-async def verify(key: UnitKey, sha: str, size: int, lookup: Lookup | None, metrics: Metrics) -> bool:
-    """Raise IntegrityError on a mismatch; False when there is nothing to verify against."""
+async def verify(
+    key: UnitKey, sha: str, size: int, lookup: Lookup | None, metrics: Metrics, *, required: bool = False
+) -> bool:
+    """Raise IntegrityError on a mismatch; False when there is nothing to verify against.
+
+    required: nothing to verify against is an IntegrityError too (the bytes come from an
+    origin that only the channel's metadata vouches for).
+    """
     if key.kind is Kind.SHARD:
         want = key.filename.removeprefix("shards/").removesuffix(".msgpack.zst")
         if sha != want:
             raise IntegrityError(f"shard content hashes to {sha[:12]}…, not its name")
         return True
     if key.kind is not Kind.PACKAGE:
+        if required:
+            raise IntegrityError(f"{key}: nothing in the channel's metadata vouches for it; refused")
         return True
     expected = await lookup if lookup is not None else None
+    if expected is None and required:
+        raise IntegrityError(f"{key}: from another origin, and the channel's metadata lists no sha256")
     if expected is None:
         # Served as upstream sent it, but never cached: nothing vouches for these bytes.
         metrics.unverified.inc()

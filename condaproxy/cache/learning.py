@@ -19,8 +19,9 @@ from typing import Any
 from condaproxy.cache.catalog.db import HAS_METADATA, connect_sync
 from condaproxy.conda import variants
 from condaproxy.conda.decoding import open_decoded
+from condaproxy.conda.digests import work_budget
 from condaproxy.conda.filtering import iter_records, record_times
-from condaproxy.conda.shards import RECORD_KEYS, unpack_zst_msgpack
+from condaproxy.conda.shards import iter_shard_records
 
 BATCH = 10_000
 _DIGEST = "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)"
@@ -70,14 +71,11 @@ def _digest(record: dict[str, Any]) -> tuple[str, int | None] | None:
 
 def _records(path: Path, filename: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if filename.startswith("shards/"):
-        shard = unpack_zst_msgpack(path)
-        for key in RECORD_KEYS:
-            for name, record in (shard.get(key) or {}).items():
-                if isinstance(record, dict):
-                    yield name, record
+        yield from iter_shard_records(path)  # a stream: an object bomb costs no memory
         return
+    budget = work_budget(path.stat().st_size)
     with open_decoded(path, filename) as stream:
-        yield from iter_records(stream)
+        yield from iter_records(stream, budget)
 
 
 def _store(

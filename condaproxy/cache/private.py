@@ -41,7 +41,11 @@ class LearnedPrivate:
     def may_learn(channel: ChannelConfig, error: CondaproxyError) -> bool:
         """Whether this failure may show the channel is private (if a client's token is accepted)."""
         return (
-            not channel.private
+            # A channel with credentials of its own: the upstream would take those for anyone's.
+            channel.token is None
+            and channel.header is None
+            and channel.client_cert is None
+            and not channel.private
             and not channel.private_configured
             and isinstance(error, UpstreamRefused)
             and error.status in (401, 403)

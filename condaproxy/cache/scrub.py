@@ -1,6 +1,7 @@
 """The periodic scrub: `condaproxy verify` inside the running proxy, every [cache] scrub_interval.
 
-Each pass re-hashes every blob, one at a time in an executor thread (never on the loop). A blob
+Each pass re-hashes every blob, one at a time in the CPU pool (never on the loop, and never in
+the executor that serves hits). A blob
 that no longer matches its name or its rows' size is purged through the catalog exactly like an
 eviction: the rows go first, the blob is marked pending while it is deleted, and a put of the
 same bytes waits meanwhile (it would otherwise trust the damaged file that is about to go).
@@ -13,6 +14,7 @@ import contextlib
 import logging
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.removal import delete_released
 from condaproxy.cache.verify import check_blob
 from condaproxy.metrics import Metrics
@@ -26,8 +28,11 @@ PAGE = 256  # blobs per catalog read
 class Scrubber:
     """Re-hashes the store every interval seconds; owned by the application."""
 
-    def __init__(self, interval: float, catalog: Catalog, store: BlobStore, metrics: Metrics) -> None:
+    def __init__(
+        self, interval: float, catalog: Catalog, store: BlobStore, metrics: Metrics, cpu: CpuPool
+    ) -> None:
         self.interval = interval
+        self._cpu = cpu
         self._catalog = catalog
         self._store = store
         self._metrics = metrics
@@ -62,7 +67,6 @@ class Scrubber:
 
     async def run_once(self) -> int:
         """One pass over every blob; returns how many damaged blobs were purged."""
-        loop = asyncio.get_running_loop()
         checked = purged = 0
         after = ""
         # A page of blobs at a time, each with only its rows' sizes: a pass holds PAGE blob keys,
@@ -73,7 +77,7 @@ class Scrubber:
                 if path is None:
                     continue  # remote stores check themselves
                 checked += 1
-                problem = await loop.run_in_executor(None, check_blob, path, blob_key, sizes)
+                problem = await self._cpu.run(check_blob, path, blob_key, sizes)
                 if problem is not None and await self._purge(blob_key, problem):
                     purged += 1
             after = page[-1][0]

@@ -2,7 +2,9 @@
 
 Readers may send every byte but the last until the body is verified: a mismatch must never
 look like a whole body. A shard index, and repodata whose head names a foreign base, are held
-back whole and rewritten (cache.rewrite) before readers get any byte.
+back whole and rewritten (cache.rewrite) before readers get any byte. So is a unit fetched from
+another origin that the channel's metadata named: no byte of it goes out before it is verified
+against the channel's own metadata, and without a digest there it is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import aiohttp
 
 from condaproxy.cache import integrity
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.inflight import Download, Head
+from condaproxy.cache.refusals import Refusals
 from condaproxy.cache.rewrite import Holdback, prepare_index
 from condaproxy.cache.spool import Spool
 from condaproxy.cache.unit import Unit, kept_headers
@@ -25,6 +29,7 @@ from condaproxy.errors import (
     CondaproxyError,
     DownloadAbandoned,
     IntegrityError,
+    RefusedDocument,
     TruncatedError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -39,10 +44,14 @@ Failed = Callable[[Download, CondaproxyError], None]
 class Receiver:
     """Receives upstream bodies into downloads; knows nothing of what happens to them next."""
 
-    def __init__(self, catalog: Catalog, metrics: Metrics, failed: Failed) -> None:
+    def __init__(
+        self, catalog: Catalog, metrics: Metrics, failed: Failed, cpu: CpuPool, refusals: Refusals
+    ) -> None:
         self._catalog = catalog
         self._metrics = metrics
         self._failed = failed  # fails the download's readers and remembers why
+        self._cpu = cpu
+        self._refusals = refusals
 
     async def receive(
         self,
@@ -51,21 +60,26 @@ class Receiver:
         channel: ChannelConfig,
         url: str,
         expected: integrity.ExpectedLookup | None,
+        *,
+        whole: bool = False,
     ) -> Unit | None:
         """Stream resp into dl until its readers may end; the unit to persist, or None.
 
-        None: nothing vouches for the bytes, the temp file does not hold them all, or the
-        body failed (the download is failed then). CondaproxyError only before the body.
+        whole: readers get nothing until the body is in and verified (bytes from an origin
+        that only the channel's metadata vouches for). None: nothing vouches for the bytes,
+        the temp file does not hold them all, or the body failed (the download is failed
+        then). CondaproxyError only before the body.
         """
         key = dl.key
         # A shard index may need rewriting before clients see it: small, so fetched whole first.
-        buffered = key.kind is Kind.SHARD_INDEX
-        body_path = dl.temp_path.with_name(dl.temp_path.name + ".raw") if buffered else dl.temp_path
+        rewritten = key.kind is Kind.SHARD_INDEX
+        buffered = rewritten or whole
+        body_path = dl.temp_path.with_name(dl.temp_path.name + ".raw") if rewritten else dl.temp_path
         length = resp.content_length
         headers = kept_headers(key.kind, passthrough_headers(resp.headers))
         head = Head(headers, length)
         # Repodata is held back until its head shows whether it names a foreign base (CEP-15).
-        hold = Holdback.of(key, channel, headers, self._catalog)
+        hold = None if whole else Holdback.of(key, channel, headers, self._catalog, self._cpu)
         buffered = buffered or hold is not None
         lookup, want_size = await integrity.start_lookup(self._catalog, expected, key, channel, length)
         integrity.watch(dl, lookup)
@@ -110,7 +124,7 @@ class Receiver:
             if hold is not None and hold.pending:  # a body shorter than the head needed
                 buffered, body_path = await hold.feed(dl, None, head, body_path)
             sha = spool.hexdigest()
-            verified = await integrity.verify(key, sha, written, lookup, self._metrics)
+            verified = await integrity.verify(key, sha, written, lookup, self._metrics, required=whole)
         except CondaproxyError as exc:
             self._failed(dl, exc)
             if buffered:  # nobody reads the raw index: it must not outlive its download
@@ -125,16 +139,26 @@ class Receiver:
             key, url, sha, sha, written, headers, headers.get("ETag"), headers.get("Last-Modified"), now, now
         )
         if buffered:
-            try:
-                if hold is None:
-                    unit = await prepare_index(self._catalog, unit, body_path, dl.temp_path)
-                else:
-                    unit = await hold.prepare(unit, body_path, dl.temp_path)
-            except Exception as exc:  # a body we cannot rewrite must fail its readers, not the task
-                self._failed(dl, UpstreamUnavailable(f"cannot rewrite {key.filename}: {exc}"))
-                return None
-            finally:
-                await loop.run_in_executor(None, lambda: body_path.unlink(missing_ok=True))
+            if body_path != dl.temp_path:
+                try:
+                    if (reason := await self._refusals.known(unit)) is not None:
+                        self._failed(
+                            dl, RefusedDocument(reason, f"{key.filename} was refused before ({reason})")
+                        )
+                        return None
+                    if hold is None:
+                        unit = await prepare_index(self._catalog, self._cpu, unit, body_path, dl.temp_path)
+                    else:
+                        unit = await hold.prepare(unit, body_path, dl.temp_path)
+                except RefusedDocument as exc:  # past a bound: 502, and never read again
+                    await self._refusals.record(unit.sha256, key, exc)
+                    self._failed(dl, exc)
+                    return None
+                except Exception as exc:  # a body we cannot rewrite must fail its readers, not the task
+                    self._failed(dl, UpstreamUnavailable(f"cannot rewrite {key.filename}: {exc}"))
+                    return None
+                finally:
+                    await loop.run_in_executor(None, lambda: body_path.unlink(missing_ok=True))
             dl.start_body(Head(unit.headers, unit.size))
         dl.finish(unit.size, unit.sha256)
         if not verified or dl.spool_error is not None:

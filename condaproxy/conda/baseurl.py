@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlsplit
 import zstandard
 
 from condaproxy.conda import variants
-from condaproxy.conda.decoding import STEP, open_decoded
+from condaproxy.conda.decoding import MAX_DEPTH, STEP, open_decoded
 from condaproxy.conda.urls import redacted_url
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,9 @@ class _Head:
             elif char in (b"{", b"["):
                 parent = stack[-1] if stack else None
                 info = char == b"{" and len(stack) == 1 and parent is not None and parent.key == "info"
+                if len(stack) == MAX_DEPTH:
+                    self.state = _Scan.NONE  # no real head nests this deep: not ours to read
+                    return
                 stack.append(_Frame(char == b"{", info=info))
                 end = pos + 1
             elif char in (b"}", b"]"):

@@ -15,22 +15,29 @@ from typing import IO, cast
 
 import zstandard
 
+from condaproxy.errors import RefusedDocument
+
 STEP = 1 << 20
 # Decompression bombs, for every reader of compressed repodata (digest learning, transcoding):
 # real repodata inflates about ten-fold (conda-forge's linux-64 .zst: ~30 MB to ~300 MB), so
 # anything past MAX_RATIO times its compressed size (MIN_BUDGET for small files) is refused.
 MAX_RATIO = 64
 MIN_BUDGET = 64 * 1024 * 1024
+# Nesting, for every reader of repodata JSON (digest learning, the base_url sniffer): real
+# repodata nests five levels (document, "packages", record, "depends", a spec); CEP-48's v3
+# groups add one or two. Past this, a reader refuses the document.
+MAX_DEPTH = 64
 
 
 class Bounded:
-    """A read-only stream that refuses to deliver more than limit bytes (ValueError)."""
+    """A read-only stream that refuses to deliver more than limit bytes (RefusedDocument)."""
 
-    def __init__(self, inner: IO[bytes], limit: int, what: str) -> None:
+    def __init__(self, inner: IO[bytes], limit: int, what: str, reason: str = "inflated") -> None:
         self._inner = inner
         self.limit = limit
         self.count = 0
         self._what = what
+        self._reason = reason
 
     def read(self, size: int = -1) -> bytes:
         """Up to size bytes (all that is left, within the limit, when size < 0)."""
@@ -42,7 +49,9 @@ class Bounded:
         data = self._inner.read(min(size, self.limit - self.count + 1))
         self.count += len(data)
         if self.count > self.limit:
-            raise ValueError(f"{self._what} past {self.limit} bytes: refused (decompression bomb?)")
+            raise RefusedDocument(
+                self._reason, f"{self._what} past {self.limit} bytes: refused (decompression bomb?)"
+            )
         return data
 
 

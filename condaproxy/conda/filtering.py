@@ -17,12 +17,13 @@ import ijson
 import msgpack
 import zstandard
 
-from condaproxy.conda.decoding import Bounded
+from condaproxy.conda.decoding import MAX_DEPTH, Bounded
 from condaproxy.conda.digests import MAX_TOKEN_BYTES
 from condaproxy.conda.effective import effective_time, normalise
 from condaproxy.conda.paths import package_parts
 from condaproxy.conda.policy import Policy, Verdict
 from condaproxy.conda.shards import RECORD_KEYS
+from condaproxy.errors import RefusedDocument
 
 # A record judged: the record to write (perhaps amended), or None to leave it out.
 Judgement = Callable[[str, dict[str, Any]], dict[str, Any] | None]
@@ -160,12 +161,35 @@ class _Out:
         self._size = 0
 
 
-def json_events(stream: IO[bytes]) -> Iterator[tuple[str, str, Any]]:
-    """ijson events of a document, each single token bounded (MAX_TOKEN_BYTES)."""
-    guard = Bounded(stream, MAX_TOKEN_BYTES, "a single JSON token runs")
-    for item in ijson.parse(guard, use_float=True):
+def json_events(stream: IO[bytes], max_events: int | None = None) -> Iterator[tuple[str, str, Any]]:
+    """ijson.parse's (prefix, event, value) events, within the bounds digest learning keeps.
+
+    The prefixes are built here from ijson's basic events, never by ijson.parse: its C backend
+    builds a prefix string as long as the nesting for every event of a whole input chunk before
+    yielding any, so an 85-byte .zst nesting 60,000 deep would cost gigabytes before a check
+    here could refuse it. Bounded at MAX_DEPTH, a prefix stays short; max_events bounds the work.
+    """
+    guard = Bounded(stream, MAX_TOKEN_BYTES, "a single JSON token runs", reason="token")
+    limit = max_events if max_events is not None else float("inf")
+    path: list[str] = []
+    for count, (event, value) in enumerate(ijson.basic_parse(guard, use_float=True), 1):
         guard.count = 0  # the budget is per token, not per file
-        yield item
+        if count > limit:
+            raise RefusedDocument("work", f"repodata past {max_events} parser events: refused")
+        if event == "map_key":
+            prefix = ".".join(path[:-1])
+            path[-1] = value
+        elif event in ("start_map", "start_array"):
+            if len(path) >= MAX_DEPTH:
+                raise RefusedDocument("depth", f"repodata nests deeper than {MAX_DEPTH} levels: refused")
+            prefix = ".".join(path)
+            path.append("" if event == "start_map" else "item")
+        elif event in ("end_map", "end_array"):
+            path.pop()
+            prefix = ".".join(path)
+        else:
+            prefix = ".".join(path)
+        yield prefix, event, value
 
 
 def build_value(events: Iterator[tuple[str, str, Any]]) -> Any:
@@ -183,9 +207,12 @@ def build_value(events: Iterator[tuple[str, str, Any]]) -> Any:
     return builder.value
 
 
-def iter_records(reader: IO[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(filename, record) for every record of a repodata document, one in memory at a time."""
-    events = json_events(reader)
+def iter_records(reader: IO[bytes], max_events: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(filename, record) for every record of a repodata document, one in memory at a time.
+
+    RefusedDocument past the nesting, token or work (max_events) bounds.
+    """
+    events = json_events(reader, max_events)
     for prefix, event, value in events:
         if event == "map_key" and is_record_group(prefix):
             record = build_value(events)

@@ -78,6 +78,17 @@ class Section:
             raise self.error(key, f"expected {wanted}, got {raw!r}")
         return value
 
+    def rates(self, key: str, default: tuple[int, int]) -> tuple[int, int]:
+        """Two counts per minute, such as "20 300" or "20, 300": per client, then overall."""
+        raw = self.get(key)
+        if raw is None:
+            return default
+        items = [item for item in _URL_SEPARATORS.split(raw) if item]
+        if len(items) != 2 or not all(i.isascii() and i.isdigit() and int(i) >= 1 for i in items):
+            message = "expected two integers >= 1 (per minute: per client address, then overall)"
+            raise self.error(key, f"{message}, e.g. '20 300', got {raw!r}")
+        return int(items[0]), int(items[1])
+
     def seconds(self, key: str, default: float) -> float:
         raw = self.get(key)
         if raw is None:
@@ -121,6 +132,20 @@ class Section:
             if "\n" not in raw:
                 raise
             raise self.error(key, f"{exc.message} (is the next line indented?)") from None
+
+    def origins(self, key: str) -> tuple[str, ...]:
+        """Origins as scheme://host[:port] (lowercase), separated by whitespace and/or commas."""
+        raw = self.values.get(key)  # like urls: the list may go on over indented lines
+        found: dict[str, None] = {}
+        for item in (item for item in _URL_SEPARATORS.split(raw or "") if item):
+            parts = urlsplit(self._checked_url(key, item))
+            if parts.path:
+                message = f"expected origins (scheme://host or scheme://host:port), not a path: {item!r}"
+                raise self.error(key, message)
+            host = parts.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            found[f"{parts.scheme.lower()}://{host}" + (f":{parts.port}" if parts.port else "")] = None
+        return tuple(found)
 
     def _checked_url(self, key: str, raw: str) -> str:
         # Never echoed if it may hold a user and password: credentials have keys of their own.

@@ -117,6 +117,9 @@ def _cache(s: Section, base: Path) -> CacheConfig:
         pin_lockfile=s.readable_file("pin_lockfile", base) if s.get("pin_lockfile") else None,
         scrub_interval=s.integer("scrub_interval", d.scrub_interval),
         history=_duration(s, "history", d.history),
+        cpu_workers=s.integer("cpu_workers", d.cpu_workers),
+        cpu_queue=s.integer("cpu_queue", d.cpu_queue),
+        derivations_per_client=s.integer("derivations_per_client", d.derivations_per_client, minimum=1),
     )
 
 
@@ -183,6 +186,7 @@ def _upstream(s: Section) -> UpstreamConfig:
         connect_timeout=s.seconds("connect_timeout", d.connect_timeout),
         read_timeout=s.seconds("read_timeout", d.read_timeout),
         auth_ttl=s.seconds("auth_ttl", d.auth_ttl),
+        auth_probe_rate=s.rates("auth_probe_rate", d.auth_probe_rate),
         **_cooldown(s, None),  # type: ignore[arg-type]
     )
 
@@ -195,6 +199,15 @@ def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> Cha
             "[a-z0-9][a-z0-9._-]* joined by '/', without '..'",
         )
     urls = s.urls("url")
+    private = s.boolean("private", False)
+    if private and (own := next((k for k in ("token", "header", "client_cert") if k in s.values), None)):
+        # The admission check must show whether the upstream accepts the client's token; with
+        # the proxy's own credentials beside it, the upstream would accept any token at all.
+        raise s.error(
+            own,
+            "a private channel admits each client by its own /t/<token>/ alone; "
+            f"remove {own}, or drop 'private' (the proxy's {own} would let any token in)",
+        )
     tls = TlsIdentity(*(s.readable_file(key, base) for key in _TLS_KEYS))
     if tls.client_key is not None and tls.client_cert is None:
         raise s.error("client_key", "given without client_cert")
@@ -220,9 +233,10 @@ def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> Cha
         token=s.token("token"),
         header=s.header("header"),
         alternate_source=s.existing_directory("alternate_source", base),
-        private=s.boolean("private", False),
+        private=private,
         private_configured=s.get("private") is not None,
         notice=s.get("notice"),
         notice_level=_notice_level(s),
+        trusted_origins=s.origins("trusted_origins"),
         **_cooldown(s, upstream),  # type: ignore[arg-type]
     )

@@ -56,6 +56,12 @@ class CacheConfig:
     repodata_stale_while_revalidate: int = 0  # seconds past TTL served at once while revalidating
     scrub_interval: int = 0  # seconds between passes re-hashing every blob; 0 means never
     history: float = 90 * 86400.0  # seconds superseded repodata revisions are kept for views
+    # The CPU pool (transcoding, digest learning, rewrites, hashing): its threads (0: half the
+    # cores, at least two), the jobs that may queue behind them, and the derivations one client
+    # address may have running at once.
+    cpu_workers: int = 0
+    cpu_queue: int = 8
+    derivations_per_client: int = 4
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ class ChannelConfig:
     min_age_exempt: tuple[str, ...] = ()  # package names or globs the cooldown spares
     min_age_unknown: str = "allow"  # records of unknown age: "allow" (as clients do) or "hold"
     indexed_timestamp: bool = False  # serve each record's effective time as CEP-47 indexed_timestamp
+    # Origins ("scheme://host:port") the channel's metadata may name although they are not
+    # public https hosts: an internal server holding its shards or packages, say.
+    trusted_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -112,6 +121,8 @@ class UpstreamConfig:
     min_age_exempt: tuple[str, ...] = ()
     min_age_unknown: str = "allow"
     indexed_timestamp: bool = False
+    # Token checks per minute (bursts of as many): per client address, and for all clients.
+    auth_probe_rate: tuple[int, int] = (20, 300)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def start(
     if not svc.cold.take(client):
         return error(request, 503, _BUSY, key=key, type_=_BUSY_TYPE)
     try:
-        dl = svc.fetcher.start(key, channel, cached)
+        dl = svc.fetcher.start(key, channel, cached, client=request.remote)
     except CondaproxyError as exc:
         svc.cold.give_back(client)
         return failed(request, exc, key=key, channel=channel)

@@ -47,9 +47,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     configured = channel
     try:
         # Before any cache look-up: a private channel's bytes go only to a token its upstream accepts.
-        channel = await svc.auth.admit(channel, parsed.token)
+        channel = await svc.auth.admit(channel, parsed.token, request.remote)
     except Refused as exc:
-        return error(request, exc.status, exc.reason, key=key, type_="urn:condaproxy:problem:token")
+        return _refused(request, exc, key)
     if key.subdir == "" and key.filename == NOTICES_NAME and parsed.when is None:
         return await notices.serve(request, svc, key, channel)
     try:
@@ -62,6 +62,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return failed(request, exc, key=key)
     except _TokenNeeded as needed:
         return await _learn(request, svc, configured, parsed.token, needed)
+
+
+def _refused(request: web.Request, exc: Refused, key: UnitKey) -> web.Response:
+    retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return error(
+        request, exc.status, exc.reason, key=key, type_="urn:condaproxy:problem:token", headers=retry
+    )
 
 
 class _TokenNeeded(Exception):
@@ -80,9 +87,9 @@ async def _learn(
     if token is None or svc.private is None:
         return failed(request, needed.error, key=needed.key, channel=channel)
     try:
-        accepted = await svc.auth.accepts(channel, token)
+        accepted = await svc.auth.accepts(channel, token, request.remote)
     except Refused as exc:
-        return error(request, exc.status, exc.reason, key=needed.key, type_="urn:condaproxy:problem:token")
+        return _refused(request, exc, needed.key)
     if not accepted:
         return failed(request, needed.error, key=needed.key, channel=channel)
     await svc.private.learn(channel)
@@ -109,7 +116,7 @@ async def _serve(
     elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
         if svc.inflight.get(key) is None:
             with contextlib.suppress(CondaproxyError):
-                svc.fetcher.start(key, channel, unit)  # one background revalidation
+                svc.fetcher.start(key, channel, unit, client=request.remote)  # one background revalidation
         served = await serve_unit(request, svc, unit, "STALE", channel)
         if served is not None:
             return served

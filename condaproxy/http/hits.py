@@ -55,7 +55,7 @@ async def _coded(request: web.Request, svc: Services, unit: Unit, channel: Chann
             return coded
         if svc.inflight.get(coded_key) is None:
             with contextlib.suppress(CondaproxyError):
-                svc.fetcher.start(coded_key, channel, coded)
+                svc.fetcher.start(coded_key, channel, coded, client=request.remote)
     return None
 
 

@@ -142,10 +142,10 @@ class Upstream:
 
     One pair of sessions (connection pools: metadata, and everything else) per TLS identity, so
     a connection made with one channel's client certificate is never reused for another. Other
-    origins never see the certificate, and redirect targets there are reached through pools that
-    resolve names to public addresses only. (Hosts the channel's metadata names, such as a
-    CEP-16 shards_base_url, are allowed as DESIGN rule 8 says: the shards they serve are checked
-    against their names.)
+    origins never see the certificate. A host the channel's metadata names (a CEP-15 base_url,
+    a CEP-16 shards_base_url) that is not one of its own origins obeys the redirect rules,
+    unless the channel's section trusts it (trusted_origins): https only, through pools that
+    resolve names to public addresses only.
     """
 
     def __init__(self, *, mirror_ttl: float = REMEMBER_SECONDS) -> None:
@@ -246,7 +246,7 @@ class Upstream:
         except ValueError:
             raise UpstreamUnavailable("upstream metadata names a malformed URL") from None
         if isinstance(located, URL):
-            return await self._get(channel, located, conditional, how, named=True)
+            return await self._get(channel, located, conditional, how)
         failures: list[tuple[str, UpstreamError]] = []
         order = self.mirrors.order(channel)
         for index, base in enumerate(order):
@@ -262,6 +262,31 @@ class Upstream:
             return resp, served
         raise _all_failed(failures)
 
+    async def probe(self, channel: ChannelConfig, path: str) -> tuple[int, str]:
+        """(status, Content-Type) of HEAD path on the channel, a redirect answered, not followed.
+
+        An upstream refusing HEAD (405, 501) is asked for one byte instead. Mirrors are tried
+        in turn as by open(); UpstreamError when none of them answers (or all answer 5xx).
+        """
+        failures: list[tuple[str, UpstreamError]] = []
+        for base in self.mirrors.order(channel):
+            url = URL(unit_url(base, path, channel.token))
+            try:
+                resp, _ = await self._get(channel, url, {}, _How("HEAD", True), follow=False)
+                if resp.status in (405, 501):
+                    resp.release()
+                    one_byte = {"Range": "bytes=0-0"}
+                    resp, _ = await self._get(channel, url, one_byte, _How("GET", True), follow=False)
+                resp.release()  # a GET answered 200 is not read: the connection is dropped instead
+            except (UpstreamUnavailable, UpstreamTimeout) as exc:
+                failures.append((redacted_url(base), exc))
+                continue
+            if resp.status >= 500:
+                failures.append((redacted_url(base), UpstreamUnavailable(f"upstream answered {resp.status}")))
+                continue
+            return resp.status, resp.headers.get("Content-Type", "")
+        raise _all_failed(failures)
+
     async def _get(
         self,
         channel: ChannelConfig,
@@ -269,13 +294,15 @@ class Upstream:
         conditional: dict[str, str],
         how: _How,
         *,
-        named: bool = False,
+        follow: bool = True,
     ) -> tuple[aiohttp.ClientResponse, str]:
-        """Ask for url (named: by the channel's metadata), following allowed redirects.
+        """Ask for url, following allowed redirects (follow=False: any status, as answered).
 
-        Credentials and the client certificate go only to the channel's own origins.
+        Credentials and the client certificate go only to the channel's own origins; other
+        origins, the channel's metadata naming them or a redirect, only where redirects.py allows.
         """
         bases = [URL(u) for u in channel.urls]
+        trusted = [URL(u) for u in channel.trusted_origins]
         credentials = dict([channel.header]) if channel.header else {}
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=channel.connect_timeout, sock_read=channel.read_timeout
@@ -287,11 +314,12 @@ class Upstream:
             # connection (_PoolWait), which only says our own downloads keep the pool busy.
             async with asyncio.timeout(channel.connect_timeout) as deadline:
                 pool_wait = _PoolWait(deadline)
-                for _ in range(MAX_REDIRECTS + 1):
+                for hop in range(MAX_REDIRECTS + 1):
                     own = any(same_origin(base, target) for base in bases)
-                    allowed = own or (named and same_origin(url, target))
+                    allowed = own or any(same_origin(origin, target) for origin in trusted)
                     if not allowed and (why := refusal(target)) is not None:
-                        raise UpstreamUnavailable(f"upstream redirect to {why} refused")
+                        said = "upstream redirect to" if hop else "upstream metadata names"
+                        raise UpstreamUnavailable(f"{said} {why}: refused (see trusted_origins)")
                     bare = own and target.scheme == "https" and channel.client_cert is None
                     hint = " (it may require a client certificate: see client_cert)" if bare else ""
                     pools = await self._session(channel, own=own, public_only=not allowed)
@@ -304,7 +332,7 @@ class Upstream:
                         allow_redirects=False,
                         trace_request_ctx=pool_wait,
                     )
-                    if resp.status not in REDIRECT_STATUSES:
+                    if not follow or resp.status not in REDIRECT_STATUSES:
                         break
                     location = resp.headers.get("Location")
                     resp.release()
@@ -327,7 +355,7 @@ class Upstream:
             raise UpstreamUnavailable(f"upstream closed the connection without answering{hint}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"upstream error: {type(exc).__name__}") from exc
-        return check_status(resp), redacted_url(target)
+        return (check_status(resp) if follow else resp), redacted_url(target)
 
 
 def _redirect_target(status: int, current: URL, location: str | None) -> URL:

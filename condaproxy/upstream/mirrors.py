@@ -63,3 +63,15 @@ def locate(channel: ChannelConfig, where: str) -> str | URL:
     if redacted and (own := next((b for b in bases if same_origin(b, target)), None)) is not None:
         return URL(unit_url(str(own.origin()), path.lstrip("/"), channel.token))
     return target
+
+
+def elsewhere(channel: ChannelConfig, where: str) -> bool:
+    """Whether where is a URL the channel's metadata named on an origin not the channel's own.
+
+    Bytes from there are verified whole before a client gets any (trusted origin or not).
+    """
+    try:
+        located = locate(channel, where)
+    except ValueError:
+        return True  # open() refuses it anyway
+    return isinstance(located, URL) and not any(same_origin(URL(u), located) for u in channel.urls)

@@ -19,6 +19,7 @@ from proxy import Proxy, check_invariants, make_config, write_config
 from upstream import FakeUpstream
 
 from condaproxy.cache.catalog.catalog import Catalog
+from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.cache.verify import verify
 from condaproxy.metrics import Metrics
@@ -229,7 +230,11 @@ async def test_the_scrub_pages_through_the_catalog(tmp_path: Path) -> None:
     try:
         tracemalloc.start()
         try:
-            purged = await Scrubber(3600, catalog, store, Metrics()).run_once()
+            cpu = CpuPool(1, 1)
+            try:
+                purged = await Scrubber(3600, catalog, store, Metrics(), cpu).run_once()
+            finally:
+                await cpu.close()
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

@@ -9,21 +9,26 @@ import hashlib
 import io
 import json
 import random
+import ssl
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+import trustme
 import zstandard
 from channel import Channel
-from proxy import Proxy, check_invariants
+from proxy import Proxy, check_invariants, make_config
 from test_rattler_client import solve_and_install
 from upstream import FakeUpstream
 
 from condaproxy.conda import baseurl
 from condaproxy.conda.baseurl import Sniffer, Verdict, foreign_base
+from condaproxy.config.model import ChannelConfig, Config
 
 CH = "/basechan"
 JSON = f"{CH}/linux-64/repodata.json"
@@ -100,9 +105,15 @@ async def test_every_variant_names_no_base_and_the_base_is_mapped(
     assert {f for c, s, f in rows if s == "linux-64"} >= {"repodata.json", "repodata.json.zst"}
 
 
+def trusting(cdn: FakeUpstream) -> dict[str, tuple[str, ...]]:
+    """basechan trusts the second host its metadata names (plain http on 127.0.0.1)."""
+    return {"basechan": (cdn.url,)}
+
+
 async def test_install_fetches_packages_from_the_base_through_the_proxy(
-    proxy: Proxy, upstream: FakeUpstream, cdn: FakeUpstream, channel: Channel, tmp_path: Path
+    proxy_factory, upstream: FakeUpstream, cdn: FakeUpstream, channel: Channel, tmp_path: Path
 ) -> None:
+    proxy = await proxy_factory(trusted=trusting(cdn))
     names = await solve_and_install(f"{proxy.url}{CH}", tmp_path / "env", tmp_path / "client", sharded=False)
     assert any(n.startswith("cp-extra-") for n in names)
     # Every package of linux-64 came from the second host, and only through the proxy.
@@ -116,9 +127,10 @@ async def test_install_fetches_packages_from_the_base_through_the_proxy(
 
 
 async def test_a_package_asked_for_first_is_found_at_the_base(
-    proxy: Proxy, upstream: FakeUpstream, cdn: FakeUpstream, channel: Channel
+    proxy_factory, upstream: FakeUpstream, cdn: FakeUpstream, channel: Channel
 ) -> None:
     """A lockfile install on a cold cache: no repodata was read through the proxy yet."""
+    proxy = await proxy_factory(trusted=trusting(cdn))
     pkg = channel.by_name("cp-tools")
     resp = await proxy.get(f"{CH}/{pkg.url_path}")
     assert resp.status == 200 and resp.body == pkg.read_bytes()
@@ -132,11 +144,11 @@ async def test_a_package_asked_for_first_is_found_at_the_base(
 async def test_the_mapping_outlives_a_restart(
     proxy_factory, upstream: FakeUpstream, cdn: FakeUpstream, channel: Channel, tmp_path: Path
 ) -> None:
-    first = await proxy_factory(cache_dir=tmp_path / "cache")
+    first = await proxy_factory(cache_dir=tmp_path / "cache", trusted=trusting(cdn))
     assert (await first.get(f"{CH}/linux-64/repodata.json.zst")).status == 200
     await settle(first)
     await first.close()
-    second = await proxy_factory(cache_dir=tmp_path / "cache")
+    second = await proxy_factory(cache_dir=tmp_path / "cache", trusted=trusting(cdn))
     pkg = channel.by_name("cp-data")
     assert (await second.get(f"{CH}/{pkg.url_path}")).body == pkg.read_bytes()
     assert upstream.count(f"{CH}/{pkg.url_path}") == 0  # straight to the recorded base
@@ -348,6 +360,189 @@ def test_foreign_base_refuses_other_schemes() -> None:
         foreign_base("http://up/chan/linux-64/repodata.json", "s3://bucket/x/")
 
 
+# -- metadata naming a host that is not the channel's own (SSRF) ----------------------------------
+
+SECRET = b"AKIA-INTERNAL-SECRET-CREDENTIALS"
+SSRF = "/ssrfchan"
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
+    """A test CA (and its PEM file) that ssrfchan trusts: only addresses stand in the way."""
+    authority = trustme.CA()
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    authority.cert_pem.write_to_path(path)
+    return authority, path
+
+
+@pytest.fixture(params=["http", "https"])
+async def internal(
+    request: pytest.FixtureRequest, ca: tuple[trustme.CA, Path]
+) -> AsyncIterator[FakeUpstream]:
+    """An internal service on 127.0.0.1 (over http, or https with a certificate ssrfchan trusts)."""
+    server = FakeUpstream()
+    context = None
+    if request.param == "https":
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca[0].issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    await server.start(ssl_context=context)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+def naming(upstream: FakeUpstream, channel: Channel, tmp_path: Path, base: str) -> None:
+    """/ssrfchan: the channel, its linux-64 packages gone and its repodata naming base as base_url."""
+    root = channel.shardless_copy(tmp_path / "ssrfchan")
+    for pkg in channel.packages.values():
+        if pkg.subdir == "linux-64":
+            (root / "linux-64" / pkg.filename).unlink()
+    doc = upstream_doc(root)
+    doc["info"]["base_url"] = base
+    raw = json.dumps(doc).encode()
+    (root / "linux-64" / "repodata.json").write_bytes(raw)
+    (root / "linux-64" / "repodata.json.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    upstream.mount("ssrfchan", root)
+
+
+def naming_shards(upstream: FakeUpstream, channel: Channel, tmp_path: Path, base: str) -> None:
+    """/ssrfchan: the channel without its shards, its noarch shard index naming base as shards_base_url."""
+    root = channel.shardless_copy(tmp_path / "ssrfchan")
+    raw = (channel.path / "noarch" / "repodata_shards.msgpack.zst").read_bytes()
+    index = msgpack.unpackb(unzstd(raw), raw=False)
+    index["info"]["shards_base_url"] = base
+    packed = zstandard.ZstdCompressor().compress(msgpack.packb(index, use_bin_type=True))
+    (root / "noarch" / "repodata_shards.msgpack.zst").write_bytes(packed)
+    upstream.mount("ssrfchan", root)
+
+
+def ssrf_config(upstream: FakeUpstream, tmp_path: Path, ca: Path, *trusted: str) -> Config:
+    """ssrfchan from the fake upstream, trusting the test CA and the origins trusted, if any."""
+    chan = ChannelConfig("ssrfchan", f"{upstream.url}{SSRF}", 5.0, 5.0, ca_bundle=ca, trusted_origins=trusted)
+    return replace(make_config(tmp_path / "cache", upstream.url), channels={"ssrfchan": chan})
+
+
+def forged(size: int) -> bytes:
+    """The secret, padded to size: a forgery of a file whose size the channel states."""
+    return (SECRET * (size // len(SECRET) + 1))[:size]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_base_url_naming_an_internal_host_reads_nothing_there(
+    upstream: FakeUpstream,
+    channel: Channel,
+    internal: FakeUpstream,
+    ca: tuple[trustme.CA, Path],
+    tmp_path: Path,
+    host: str,
+) -> None:
+    """A compromised upstream points base_url at an internal service: not one byte comes back.
+
+    http is refused as the redirect rules say; https to 127.0.0.1 because it is not public, and
+    to localhost because the name resolves (when connecting) to non-public addresses only.
+    """
+    base = f"{internal.url.replace('127.0.0.1', host)}/latest/meta-data/"
+    naming(upstream, channel, tmp_path, base)
+    internal.replace("/latest/meta-data/secret-1.0-0.conda", SECRET, "application/octet-stream")
+    proxy = await Proxy(ssrf_config(upstream, tmp_path, ca[1])).start()
+    try:
+        # Not in the metadata: was passed through unverified (200 MISS with the secret).
+        resp = await proxy.get(f"{SSRF}/linux-64/secret-1.0-0.conda")
+        assert resp.status == 502 and SECRET not in resp.body, (resp.status, resp.body)
+        why = "non-https" if base.startswith("http:") else "non-public address"
+        assert why in resp.body.decode()
+        # Listed in the metadata: asked for at the named base, which is refused just the same.
+        pkg = channel.by_name("cp-tools")
+        listed = await proxy.get(f"{SSRF}/{pkg.url_path}")
+        assert listed.status == 502 and why in listed.body.decode()
+        assert internal.requests == []  # never even connected to
+        await proxy.idle()
+        check_invariants(proxy.config.cache.directory)
+    finally:
+        await proxy.close()
+
+
+async def test_a_shards_base_url_naming_an_internal_host_reads_nothing_there(
+    upstream: FakeUpstream,
+    channel: Channel,
+    internal: FakeUpstream,
+    ca: tuple[trustme.CA, Path],
+    tmp_path: Path,
+) -> None:
+    naming_shards(upstream, channel, tmp_path, f"{internal.url}/latest/meta-data/")
+    shard = next((channel.path / "noarch" / "shards").iterdir()).name
+    internal.replace(f"/latest/meta-data/{shard}", SECRET, "application/octet-stream")
+    proxy = await Proxy(ssrf_config(upstream, tmp_path, ca[1])).start()
+    try:
+        assert (await proxy.get(f"{SSRF}/noarch/repodata_shards.msgpack.zst")).status == 200
+        resp = await proxy.get(f"{SSRF}/noarch/shards/{shard}")
+        assert resp.status == 502 and SECRET not in resp.body, (resp.status, resp.body)
+        assert internal.requests == []
+    finally:
+        await proxy.close()
+
+
+async def test_a_trusted_origin_serves_only_what_the_channel_verifies(
+    upstream: FakeUpstream,
+    channel: Channel,
+    internal: FakeUpstream,
+    ca: tuple[trustme.CA, Path],
+    tmp_path: Path,
+) -> None:
+    """trusted_origins lets metadata name an internal host; still, no unverified byte comes back."""
+    naming(upstream, channel, tmp_path, f"{internal.url}/pkgs/linux-64/")
+    internal.mount("pkgs/linux-64", channel.path / "linux-64")
+    internal.replace("/pkgs/linux-64/secret-1.0-0.conda", SECRET, "application/octet-stream")
+    big = channel.by_name("cp-big")
+    internal.replace(f"/pkgs/linux-64/{big.filename}", forged(big.size), "application/octet-stream")
+    proxy = await Proxy(ssrf_config(upstream, tmp_path, ca[1], internal.url)).start()
+    try:
+        pkg = channel.by_name("cp-tools")
+        good = await proxy.get(f"{SSRF}/{pkg.url_path}")
+        assert good.status == 200 and good.body == pkg.read_bytes()
+        assert internal.count(f"/pkgs/linux-64/{pkg.filename}") == 1
+        # Not listed: nothing vouches for it, so it is refused rather than passed through.
+        unlisted = await proxy.get(f"{SSRF}/linux-64/secret-1.0-0.conda")
+        assert unlisted.status == 502 and SECRET not in unlisted.body
+        assert "lists no sha256" in unlisted.body.decode()
+        # Listed, right size, wrong bytes: refused before any byte (was: all but the last, then cut).
+        bad = await proxy.get(f"{SSRF}/{big.url_path}")
+        assert bad.status == 502 and SECRET not in bad.body, (bad.status, bad.body[:64])
+        await proxy.idle()
+        rows = check_invariants(proxy.config.cache.directory)
+        assert ("ssrfchan", "linux-64", pkg.filename) in rows
+        assert ("ssrfchan", "linux-64", big.filename) not in rows
+    finally:
+        await proxy.close()
+
+
+async def test_a_trusted_shard_host_gets_no_byte_out_unverified(
+    upstream: FakeUpstream,
+    channel: Channel,
+    internal: FakeUpstream,
+    ca: tuple[trustme.CA, Path],
+    tmp_path: Path,
+) -> None:
+    naming_shards(upstream, channel, tmp_path, f"{internal.url}/shardhost/noarch/")
+    internal.mount("shardhost/noarch", channel.path / "noarch" / "shards")
+    good, bad = sorted((channel.path / "noarch" / "shards").iterdir())[:2]
+    internal.replace(f"/shardhost/noarch/{bad.name}", forged(bad.stat().st_size), "application/octet-stream")
+    proxy = await Proxy(ssrf_config(upstream, tmp_path, ca[1], internal.url)).start()
+    try:
+        assert (await proxy.get(f"{SSRF}/noarch/repodata_shards.msgpack.zst")).status == 200
+        ok = await proxy.get(f"{SSRF}/noarch/shards/{good.name}")
+        assert ok.status == 200 and ok.body == good.read_bytes()
+        # Shards are verified by their name, and from another origin before any byte goes out.
+        resp = await proxy.get(f"{SSRF}/noarch/shards/{bad.name}")
+        assert resp.status == 502 and SECRET not in resp.body, (resp.status, resp.body[:64])
+        assert internal.count(f"/shardhost/noarch/{bad.name}") == 1
+        await proxy.idle()
+        check_invariants(proxy.config.cache.directory)
+    finally:
+        await proxy.close()
+
+
 # -- info past the head (CEP-15 anywhere in the document) -------------------------------------------
 
 
@@ -371,8 +566,9 @@ async def late_cdn(cdn: FakeUpstream, tmp_path: Path) -> FakeUpstream:
 
 
 async def test_a_late_info_base_url_is_rewritten_in_every_encoding(
-    proxy: Proxy, upstream: FakeUpstream, late_cdn: FakeUpstream, tmp_path: Path, channel: Channel
+    proxy_factory, upstream: FakeUpstream, late_cdn: FakeUpstream, tmp_path: Path, channel: Channel
 ) -> None:
+    proxy = await proxy_factory(trusted=trusting(late_cdn))
     want = upstream_doc(tmp_path / "basechan")
     want["info"]["base_url"] = ""
     for name in ("repodata.json", "repodata.json.zst", "repodata.json.bz2"):

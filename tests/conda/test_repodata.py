@@ -23,6 +23,7 @@ from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import decoding, digests, paths, shards
 from condaproxy.conda.shards import read_shard_index
+from condaproxy.errors import RefusedDocument
 
 
 def sha(n: int) -> str:
@@ -291,27 +292,27 @@ def test_read_shard_index_defaults(tmp_path: Path) -> None:
     assert read_shard_index(bare) == ("./shards/", {})
 
 
-def _zero_bomb(path: Path, mib: int) -> Path:
-    """A zstd frame of mib MiB of zeros, compressed chunk by chunk (a few KiB on disk)."""
-    chunk = bytes(1 << 20)
+def _map_bomb(path: Path, mib: int) -> Path:
+    """A zstd frame of a map whose one value is mib MiB of zeros (arrays of fixint 0)."""
     with open(path, "wb") as f, zstandard.ZstdCompressor(level=1).stream_writer(f) as w:
+        w.write(b"\x81\xa4junk\xdc" + mib.to_bytes(2, "big"))
         for _ in range(mib):
-            w.write(chunk)
+            w.write(b"\xdd" + (1 << 20).to_bytes(4, "big") + bytes(1 << 20))
     return path
 
 
-def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The cap is a public knob; lowered here so the test's own memory stays small.
-    monkeypatch.setattr(shards, "MAX_MSGPACK_BYTES", 1 << 20)
-    bomb = _zero_bomb(tmp_path / "bomb.msgpack.zst", 4)
+def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
+    # The caps are parameters; lowered here so the test's own memory stays small.
+    bomb = _map_bomb(tmp_path / "bomb.msgpack.zst", 4)
     assert bomb.stat().st_size < 64 * 1024
-    with pytest.raises(ValueError, match="decompresses to more than"):
-        list(digests.iter_shard_digests(bomb))
-    with pytest.raises(ValueError, match="decompresses to more than"):
-        read_shard_index(bomb)
+    with pytest.raises(RefusedDocument, match="inflates past") as refused:
+        list(shards.iter_shard_digests(bomb, limit=1 << 20))
+    assert refused.value.reason == "inflated"
+    with pytest.raises(RefusedDocument, match="inflates past"):
+        read_shard_index(bomb, limit=1 << 20)
     # A small, valid shard under the same cap still parses.
     ok = write_shard(tmp_path / "ok.msgpack.zst", {"packages": {"x-1-0.conda": {"sha256": bytes(32)}}})
-    assert list(digests.iter_shard_digests(ok)) == [("x-1-0.conda", "0" * 64, None)]
+    assert list(shards.iter_shard_digests(ok, limit=1 << 20)) == [("x-1-0.conda", "0" * 64, None)]
 
 
 _BOMB_CHILD = textwrap.dedent(
@@ -334,7 +335,7 @@ _BOMB_CHILD = textwrap.dedent(
     try:
         list(digests.iter_shard_digests(Path(sys.argv[1])))
     except ValueError as exc:
-        print("REFUSED", exc)
+        print("REFUSED", getattr(exc, "reason", None), exc)
     """
 )
 
@@ -342,7 +343,7 @@ _BOMB_CHILD = textwrap.dedent(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and RLIMIT_AS")
 def test_real_decompression_bomb_is_refused_in_bounded_memory(tmp_path: Path) -> None:
     # In a child process with its address space capped, so a failure cannot hurt the test run.
-    bomb = _zero_bomb(tmp_path / "bomb.msgpack.zst", 600)
+    bomb = _map_bomb(tmp_path / "bomb.msgpack.zst", 600)
     ok = write_shard(tmp_path / "ok.msgpack.zst", {"packages": {"x-1-0.conda": {"sha256": bytes(32)}}})
     proc = subprocess.run(
         [sys.executable, "-c", _BOMB_CHILD, str(bomb), str(ok)],
@@ -351,7 +352,7 @@ def test_real_decompression_bomb_is_refused_in_bounded_memory(tmp_path: Path) ->
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "REFUSED" in proc.stdout
+    assert "REFUSED inflated" in proc.stdout
 
 
 # -- package_name ----------------------------------------------------------------------------

@@ -106,7 +106,10 @@ def test_shipped_example_parses_and_shows_every_key() -> None:
 
 def test_shipped_example_shows_the_channel_keys() -> None:
     text = SHIPPED.read_text()
-    for key in ("url", "connect_timeout", "read_timeout", "ca_bundle", "client_cert", "client_key", "token", "header"):
+    for key in (
+        *("url", "connect_timeout", "read_timeout", "ca_bundle", "client_cert", "client_key", "token"),
+        *("header", "trusted_origins"),
+    ):
         assert f"# {key} = " in text or f"\n{key} = " in text, key
 
 
@@ -187,6 +190,24 @@ def test_bad_mirror_lists(tmp_path: Path, text: str, key: str, words: str) -> No
     assert "hunter2" not in str(error)  # a password in a URL is never echoed
 
 
+def test_trusted_origins_and_probe_rate(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """\
+        [upstream]
+        auth_probe_rate = 5, 50
+        [channel:team]
+        url = http://conda.internal/team
+        trusted_origins = http://10.1.2.3:8080 HTTPS://CDN.Internal/,
+                          http://[fd00::1]:81 http://10.1.2.3:8080
+        [channel:other]
+        url = https://conda.example/other
+        """))
+    assert config.upstream.auth_probe_rate == (5, 50)
+    team = config.channels["team"]
+    assert team.trusted_origins == ("http://10.1.2.3:8080", "https://cdn.internal", "http://[fd00::1]:81")
+    assert config.channels["other"].trusted_origins == ()
+    assert config.channel("team/label/dev").trusted_origins == team.trusted_origins  # labels follow
+
+
 def test_channel_keys_are_listed(tmp_path: Path) -> None:
     error = load_error(tmp_path, "[channel:x]\nurl = https://x.example\nmirror = y\n")
     for key in ("url", "connect_timeout", "read_timeout", "ca_bundle", "client_cert", "client_key", "token", "header"):
@@ -228,6 +249,7 @@ def test_valid_channel_names(name: str) -> None:
 
 # --- rejected files -----------------------------------------------------------------
 
+TRUSTING = "[channel:x]\nurl = https://x.example\ntrusted_origins = "
 BAD = [
     # (file text, section, key, words in the message)
     ("[lazy]\nstreamer_port = 0\n", "lazy", "streamer_port", "1 to 65535"),
@@ -264,6 +286,12 @@ BAD = [
     ("[channel:x]\nread_timeout = 5\n", "channel:x", "url", "missing"),
     ("[channel:x]\nurl = https://x.example\nmirror = y\n", "channel:x", "mirror", "allowed keys: url"),
     ("[channel:x]\nurl = file:///srv/x\n", "channel:x", "url", "http(s)"),
+    ("[upstream]\nauth_probe_rate = 20\n", "upstream", "auth_probe_rate", "two integers >= 1"),
+    ("[upstream]\nauth_probe_rate = 20 0\n", "upstream", "auth_probe_rate", "'20 0'"),
+    ("[upstream]\nauth_probe_rate = 1.5 300\n", "upstream", "auth_probe_rate", "per client address"),
+    (f"{TRUSTING}https://cdn.example/pkgs\n", "channel:x", "trusted_origins", "not a path"),
+    (f"{TRUSTING}10.1.2.3:8080\n", "channel:x", "trusted_origins", "http(s)"),
+    (f"{TRUSTING}https://u:pw@cdn.example\n", "channel:x", "trusted_origins", "without user or password"),
 ]
 
 

@@ -185,7 +185,16 @@ async def test_other_origins_never_get_the_credentials(private: FakeUpstream, ch
     other = FakeUpstream()
     other.mount("testchan", channel.path)
     await other.start()
-    ch = ChannelConfig("private", f"{private.url}/private", 5.0, 5.0, token=TOKEN, header=HEADER)
+    # The other host is plain http on 127.0.0.1: the channel's section says it is trusted.
+    ch = ChannelConfig(
+        "private",
+        f"{private.url}/private",
+        5.0,
+        5.0,
+        token=TOKEN,
+        header=HEADER,
+        trusted_origins=(other.url,),
+    )
     up = Upstream()
     try:
         # A URL the channel's metadata names on another host (a CEP-16 shards_base_url, say).

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trustme
+from aiohttp.abc import AbstractResolver, ResolveResult
 from channel import Channel
 from proxy import Proxy, check_invariants
 from upstream import FakeUpstream
@@ -15,7 +18,16 @@ from yarl import URL
 
 from condaproxy.conda.urls import redacted_url
 from condaproxy.config.model import CacheConfig, ChannelConfig, Config, LazyConfig, UpstreamConfig
-from condaproxy.upstream.redirects import MAX_REDIRECTS, is_public, refusal, same_origin
+from condaproxy.errors import UpstreamError
+from condaproxy.upstream.client import Upstream
+from condaproxy.upstream.redirects import (
+    MAX_REDIRECTS,
+    DisallowedAddress,
+    PublicResolver,
+    is_public,
+    refusal,
+    same_origin,
+)
 
 CH = "/testchan"
 REPODATA = f"{CH}/noarch/repodata.json"
@@ -172,6 +184,97 @@ async def test_redirect_into_private_addresses_is_refused(
         await configured.close()
 
 
+# IPv6 spellings of 127.0.0.1: NAT64 (RFC 6052), 6to4 (RFC 3056), IPv4-compatible (RFC 4291).
+LOOPBACK_IN_IPV6 = ["64:ff9b::7f00:1", "2002:7f00:1::1", "::7f00:1", "64:ff9b:1::7f00:1"]
+
+
+@pytest.mark.parametrize("literal", LOOPBACK_IN_IPV6)
+async def test_redirect_to_an_ipv6_form_of_a_private_address_is_refused(
+    start,
+    tmp_path: Path,
+    ca: tuple[trustme.CA, Path],
+    channel: Channel,
+    elsewhere: FakeUpstream,
+    literal: str,
+) -> None:
+    configured = await https_server(ca, channel)
+    try:
+        proxy = await start(config_for(tmp_path / "c", f"{configured.url}/testchan", ca_bundle=ca[1]))
+        configured.status(
+            REPODATA, 302, headers={"Location": f"https://[{literal}]:{elsewhere.port}{REPODATA}"}
+        )
+        resp = await proxy.get(REPODATA)
+        # Was let through as a public address (and reached 127.0.0.1 wherever NAT64 or 6to4 routes).
+        assert resp.status == 502 and "non-public address" in resp.body.decode(), resp.body
+        assert elsewhere.requests == []
+    finally:
+        await configured.close()
+
+
+async def named(up: Upstream, ch: ChannelConfig, url: str) -> str:
+    """Open a URL as the channel's metadata names it; the redacted URL served, or the refusal."""
+    try:
+        resp, served = await up.open(ch, url)
+    except UpstreamError as exc:
+        return exc.reason
+    resp.release()
+    return served
+
+
+async def test_a_host_named_by_metadata_obeys_the_redirect_rules(
+    upstream: FakeUpstream, elsewhere: FakeUpstream, ca: tuple[trustme.CA, Path], channel: Channel
+) -> None:
+    """Only the channel's own origins and those its section trusts escape https-and-public-only."""
+    other = FakeUpstream()
+    other.mount("testchan", channel.path)
+    await other.start()
+    up = Upstream()
+    plain = ChannelConfig("testchan", f"{upstream.url}/testchan", 5.0, 5.0, ca_bundle=ca[1])
+    trusting = replace(plain, trusted_origins=(other.url, f"https://localhost:{elsewhere.port}"))
+    try:
+        http = f"{other.url}{REPODATA}"
+        https = f"{elsewhere.url}{REPODATA}"
+        by_name = f"https://localhost:{elsewhere.port}{REPODATA}"
+        assert "non-https URL on another origin" in await named(up, plain, http)
+        assert "non-public address" in await named(up, plain, https)
+        assert "resolves only to non-public addresses" in await named(up, plain, by_name)
+        assert other.requests == [] and elsewhere.requests == []
+        # Trusted: exactly those origins (scheme, host and port), and nothing else.
+        assert await named(up, trusting, http) == http
+        assert await named(up, trusting, by_name) == by_name
+        assert "non-public address" in await named(up, trusting, https)  # 127.0.0.1 is not localhost
+        # Each hop is judged on its own: a trusted host cannot redirect into an untrusted one.
+        other.status(REPODATA, 302, headers={"Location": https})
+        assert "upstream redirect to a non-public address" in await named(up, trusting, http)
+        # The channel's own origin, named in full, is the channel: allowed as it always was.
+        assert await named(up, plain, f"{upstream.url}{REPODATA}") == f"{upstream.url}{REPODATA}"
+    finally:
+        await up.close()
+        await other.close()
+
+
+class Rebinding(AbstractResolver):
+    """A name whose every answer is an IPv6 form of the cloud metadata address."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        metadata = ["64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "::169.254.169.254", "::ffff:169.254.169.254"]
+        return [
+            ResolveResult(hostname=host, host=a, port=port, family=socket.AF_INET6, proto=0, flags=0)
+            for a in metadata
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_resolver_refuses_ipv6_forms_of_private_addresses() -> None:
+    resolver = PublicResolver(Rebinding())
+    with pytest.raises(DisallowedAddress, match="only to non-public addresses"):
+        await resolver.resolve("metadata.example", 443, socket.AF_UNSPEC)
+
+
 # --- the pure parts -----------------------------------------------------------------
 
 
@@ -199,6 +302,28 @@ def test_is_public() -> None:
     assert not any(
         map(is_public, ["127.0.0.1", "::1", "10.0.0.1", "172.16.0.1", "224.0.0.1", "fe80::1%eth0"])
     )
+
+
+@pytest.mark.parametrize(
+    "v4", ["127.0.0.1", "10.1.2.3", "169.254.169.254", "192.168.1.1", "100.64.0.1", "0.0.0.0"]
+)
+def test_is_public_judges_ipv6_forms_by_the_ipv4_address_they_reach(v4: str) -> None:
+    a, b, c, d = (int(x) for x in v4.split("."))
+    hi, lo = f"{a << 8 | b:x}", f"{c << 8 | d:x}"
+    forms = [
+        f"::ffff:{v4}",
+        f"64:ff9b::{v4}",
+        f"64:ff9b::{hi}:{lo}",
+        f"2002:{hi}:{lo}::1",
+        f"::{v4}",
+        f"::{hi}:{lo}",
+    ]
+    assert not any(map(is_public, forms)), [f for f in forms if is_public(f)]
+    # The same forms of a public address are public; local-use NAT64 never is.
+    assert all(map(is_public, ["64:ff9b::8.8.8.8", "2002:808:808::1", "::ffff:8.8.8.8"]))
+    assert not is_public("64:ff9b:1::808:808")
+    for form in forms:
+        assert refusal(URL(f"https://[{form}]/x")) == "a non-public address", form
 
 
 def test_same_origin() -> None:

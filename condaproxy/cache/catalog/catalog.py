@@ -1,7 +1,8 @@
 """The unit catalog: SQLite (WAL) rows saying which units are complete in the blob store.
 
 One writer and one reader connection, reached through a small class per job: unit rows,
-learned metadata, eviction, the ledger of first sightings and the revision history.
+learned metadata, eviction, the ledger of first sightings, the revision history and refused
+documents.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 from condaproxy.cache.catalog.eviction import EvictionRows
 from condaproxy.cache.catalog.learned import LearnedRows
 from condaproxy.cache.catalog.ledger import LedgerRows
+from condaproxy.cache.catalog.refused import RefusedRows
 from condaproxy.cache.catalog.revisions import RevisionRows
 from condaproxy.cache.catalog.unit_rows import UnitRows
 
 
-class Catalog(UnitRows, LearnedRows, EvictionRows, LedgerRows, RevisionRows):
+class Catalog(UnitRows, LearnedRows, EvictionRows, LedgerRows, RevisionRows, RefusedRows):
     """Async access to the catalog; the only writer of unit rows."""
 
     async def close(self) -> None:

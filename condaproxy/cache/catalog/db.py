@@ -24,7 +24,7 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.errors import CatalogBusy
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 5000
 # Rows kept in memory for hot look-ups. A row costs ~2 KB (its headers): 10,000 bound the
 # cache to ~20 MB, where 50,000 let a 10-minute soak over thousands of channels grow by 89 MB.
@@ -50,7 +50,18 @@ HAS_METADATA: Final = (
 )
 LEARNED_TABLES: Final = ("digests", "shard_bases", "package_bases")
 
-_SCHEMA = """
+# Documents a reader refused (past a nesting, work, size or object bound), by sha256: never read again.
+_REFUSED = """
+CREATE TABLE IF NOT EXISTS refused_documents (
+    sha256 TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    path TEXT NOT NULL,
+    refused_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS units (
     channel TEXT NOT NULL,
     subdir TEXT NOT NULL,
@@ -129,6 +140,8 @@ CREATE TABLE IF NOT EXISTS revisions (
     PRIMARY KEY (channel, subdir, filename, first_at)
 ) WITHOUT ROWID;
 """
+    + _REFUSED
+)
 
 # Migrations, keyed by the version they lead to; each runs in one transaction with its version.
 _MIGRATIONS = {
@@ -141,8 +154,10 @@ _MIGRATIONS = {
           CREATE INDEX pending_blob ON pending (blob_key);""",
     # The ledger of first sightings and the revision history: created by the schema script.
     4: "SELECT 1;",
+    # Documents a reader refused (nesting, work, size or object bounds): read and refused once.
+    5: _REFUSED,
     # Channels learned to be private: created by the schema script.
-    5: "SELECT 1;",
+    6: "SELECT 1;",
 }
 
 
