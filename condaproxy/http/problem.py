@@ -185,6 +185,15 @@ def error(
     return resp
 
 
+def negotiated(request: web.BaseRequest, resp: web.Response) -> web.Response:
+    """A problem+json answer as one line of text when the client prefers text/plain."""
+    if not prefers_text(request.headers.get("Accept", "")) or not isinstance(resp.body, bytes):
+        return resp
+    detail = str(json.loads(resp.body).get("detail", ""))
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.Response(status=resp.status, text=detail + "\n", headers=headers)
+
+
 def failed(
     request: web.BaseRequest,
     exc: CondaproxyError,
