@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -31,14 +32,22 @@ from condaproxy.cache.refusals import Refusals
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.model import Config
+from condaproxy.http import admin
 from condaproxy.http.accesslog import AccessLogger, QuietMalformedRequests
+from condaproxy.http.assets import static
 from condaproxy.http.budget import ColdFetches
 from condaproxy.http.fdreserve import FdReserve, listeners, raise_nofile_limit
 from condaproxy.http.guards import read_only
 from condaproxy.http.handlers import handle
-from condaproxy.http.probes import healthz, metrics_view
+from condaproxy.http.landing import landing, setup_condarc, setup_page, setup_pixi
+from condaproxy.http.operations import observe, on_prepare, operations_ctx
+from condaproxy.http.probes import healthz, metrics_view, readyz
 from condaproxy.http.services import SERVICES, Services
+from condaproxy.http.status import status_json
+from condaproxy.http.statuspage import status_page
 from condaproxy.metrics import Metrics
+from condaproxy.ops.lifecycle import ServiceManager
+from condaproxy.ops.logs import LogFiles
 from condaproxy.store.filesystem import FilesystemStore
 from condaproxy.upstream.admission import ClientAuth
 from condaproxy.upstream.ratelimit import ProbeLimiter
@@ -240,7 +249,7 @@ def create_app(
     """
     reserve = fd_reserve or FdReserve.current()
     app = web.Application(
-        middlewares=[read_only] if reserve is None else [read_only, reserve.middleware()],
+        middlewares=[observe, read_only] if reserve is None else [observe, read_only, reserve.middleware()],
         handler_args={
             "max_line_size": 8190,
             "max_field_size": 8190,
@@ -265,10 +274,27 @@ def create_app(
     if reserve is not None:
         # After the services' startup: what the proxy holds idle is not the clients'.
         app.on_startup.append(lambda _: _calibrate(reserve))
+    app.cleanup_ctx.append(functools.partial(operations_ctx, evictor=lambda: app[EVICTOR]))
+    app.on_response_prepare.append(on_prepare)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    _add_operator_routes(app, config)
     app.router.add_get("/{tail:.*}", handle)
     return app
+
+
+def _add_operator_routes(app: web.Application, config: Config) -> None:
+    # Names starting with "_" can never be channels, so these never shadow a unit path.
+    app.router.add_get("/", landing)
+    app.router.add_get("/_status", status_page)
+    app.router.add_get("/_status.json", status_json)
+    app.router.add_get("/_setup", setup_page)
+    app.router.add_get("/_setup/condarc", setup_condarc)
+    app.router.add_get("/_setup/pixi", setup_pixi)
+    app.router.add_get("/_static/{name}", static)
+    if config.admin.token_file is not None:
+        admin.add_routes(app)
 
 
 def server_options() -> dict[str, Any]:
@@ -276,8 +302,8 @@ def server_options() -> dict[str, Any]:
     return {"access_log": logging.getLogger("condaproxy.access"), "access_log_class": AccessLogger}
 
 
-def run(config: Config) -> None:
-    """Serve until interrupted, on every configured interface address."""
+def run(config: Config, log_files: LogFiles | None = None) -> None:
+    """Serve until interrupted, on every configured interface address (telling systemd how it goes)."""
     logging.getLogger("aiohttp.server").addFilter(QuietMalformedRequests())
     hosts = bind_addresses(config.lazy.streamer_interface, source=config.source)
     port = config.lazy.streamer_port
@@ -290,10 +316,15 @@ def run(config: Config) -> None:
         print(f"condaproxy: cannot listen on {', '.join(hosts)} port {port}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
     log.info("condaproxy on %s port %d, cache in %s", ", ".join(hosts), port, config.cache.directory)
+    app = create_app(config, fd_reserve=reserve)
+    manager = ServiceManager(
+        config, [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts], log_files
+    )
+    manager.attach(app)
     web.run_app(
-        create_app(config, fd_reserve=reserve),
+        app,
         sock=socks,
-        print=None,
+        print=manager.listening,  # called once every site is listening: READY=1
         # aiohttp waits this long for requests in progress, then again once it cancelled them:
         # half the grace in all, after the downloads were stopped (_stop_downloads).
         shutdown_timeout=config.lazy.shutdown_grace / 4,

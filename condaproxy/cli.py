@@ -1,17 +1,21 @@
-"""The condaproxy command: serve, check-config, verify."""
+"""The condaproxy command: serve, check-config, verify, stats, gc, invalidate, prefetch."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from condaproxy import __version__
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.load import default_config, load_config
 from condaproxy.config.model import Config
 from condaproxy.errors import ConfigError
+from condaproxy.ops.client import CommandError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -31,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args.run(args)
-    except ConfigError as exc:
+    except (ConfigError, CommandError) as exc:
         # A configuration mistake is the operator's to fix: one line, no traceback.
         print(f"condaproxy: {exc}", file=sys.stderr)
         return 2
@@ -40,14 +44,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (and status 2), like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `condaproxy ...: message` alone and exit 2."""
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="condaproxy",
         description="A streaming, collapsing, persisting caching proxy for conda channels.",
     )
     parser.add_argument("--version", action="version", version=f"condaproxy {__version__}")
     _add_log_level(parser, "info")
-    commands = parser.add_subparsers(title="commands", dest="command", required=True)
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the proxy until interrupted")
     serve.add_argument("--config", metavar="FILE", help="INI configuration (default: built-in defaults)")
@@ -64,10 +76,104 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", metavar="FILE", help="INI configuration (default: built-in defaults)")
     verify.set_defaults(run=_verify)
 
-    for sub in (serve, check, verify):
+    extra = _operator_commands(commands)
+    for sub in (serve, check, verify, *extra):
         # Also accepted after the command; SUPPRESS keeps the subparser from resetting it.
         _add_log_level(sub, argparse.SUPPRESS)
     return parser
+
+
+def _operator_commands(
+    commands: argparse._SubParsersAction[_Parser],
+) -> list[_Parser]:
+    """stats, gc, invalidate and prefetch: the shell's side of the admin API."""
+    config_help = "INI configuration (default: built-in defaults)"
+    token_help = "admin token file (default: [admin] token_file)"
+    stats = commands.add_parser("stats", help="units, bytes and hit ratios per channel")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(run=_run_stats)
+
+    gc = commands.add_parser("gc", help="evict down to [cache] max_size now")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be evicted")
+    gc.set_defaults(run=_run_gc)
+
+    inval = commands.add_parser(
+        "invalidate",
+        help="mark a channel's or subdir's repodata stale now, or drop one cached file",
+        description="TARGET is CHANNEL, CHANNEL/SUBDIR or CHANNEL/SUBDIR/FILE (conda-forge/linux-64).",
+    )
+    inval.add_argument("target", metavar="CHANNEL[/SUBDIR[/FILE]]")
+    inval.set_defaults(run=_run_invalidate)
+
+    pre = commands.add_parser(
+        "prefetch",
+        help="warm the cache through the running proxy from lock files",
+        description=(
+            "Fetch every package named by a pixi.lock, conda-lock.yml, @EXPLICIT file or environment.yml "
+            "(solved with py-rattler: pip install 'condaproxy[solve]') through the proxy."
+        ),
+    )
+    pre.add_argument("files", metavar="FILE", nargs="+", type=Path)
+    pre.add_argument("--jobs", type=int, default=4, metavar="N", help="downloads at once (default 4)")
+    pre.add_argument("--pin", action="store_true", help="pin what it fetched (needs the admin API)")
+    pre.add_argument(
+        "--platform", action="append", default=[], metavar="SUBDIR", help="environment.yml: solve for it"
+    )
+    pre.set_defaults(run=_run_prefetch)
+
+    for sub in (stats, gc, inval, pre):
+        sub.add_argument("--config", metavar="FILE", help=config_help)
+        sub.add_argument("--proxy", metavar="URL", help="the running proxy (default: its listen address)")
+    for sub in (gc, inval, pre):
+        sub.add_argument("--token-file", metavar="FILE", help=token_help)
+    return [stats, gc, inval, pre]
+
+
+def _operator_config(args: argparse.Namespace) -> tuple[Config, str]:
+    from condaproxy.ops.client import proxy_url
+
+    config = load_config(args.config) if args.config else default_config()
+    return config, proxy_url(config, args.proxy)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from condaproxy.ops.commands import stats
+
+    config, url = _operator_config(args)
+    return asyncio.run(stats(config, url, as_json=args.json))
+
+
+def _run_gc(args: argparse.Namespace) -> int:
+    from condaproxy.ops.commands import gc
+
+    config, url = _operator_config(args)
+    return asyncio.run(gc(config, url, dry_run=args.dry_run, token_file=args.token_file))
+
+
+def _run_invalidate(args: argparse.Namespace) -> int:
+    from condaproxy.ops.commands import invalidate
+
+    config, url = _operator_config(args)
+    return asyncio.run(invalidate(config, url, args.target, token_file=args.token_file))
+
+
+def _run_prefetch(args: argparse.Namespace) -> int:
+    from condaproxy.ops.prefetch import prefetch
+
+    if args.jobs < 1:
+        raise CommandError(f"--jobs: expected a positive number, got {args.jobs}")
+    config, url = _operator_config(args)
+    return asyncio.run(
+        prefetch(
+            config,
+            url,
+            args.files,
+            jobs=args.jobs,
+            pin=args.pin,
+            token_file=args.token_file,
+            platforms=args.platform,
+        )
+    )
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
@@ -80,8 +186,13 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     # Imported here so that check-config works without the server's modules.
     from condaproxy.app import run
+    from condaproxy.ops.logs import configure
 
-    run(config)
+    log_files = configure(args.log_level, config.log)
+    try:
+        run(config, log_files)
+    finally:
+        log_files.close()
     return 0
 
 

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("upstream", frozenset({"condaproxy.upstream"})),
     ("cache", frozenset({"condaproxy.cache"})),
     ("http", frozenset({"condaproxy.http"})),
+    ("ops", frozenset({"condaproxy.ops"})),
     ("top", frozenset({"condaproxy.app", "condaproxy.cli", "condaproxy.__main__"})),
 )
 # Layers that stand side by side: neither may import the other (conda knowledge and blob

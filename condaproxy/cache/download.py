@@ -77,6 +77,9 @@ class Fetcher:
         self.deriver: Deriver | None = None  # set by the app
         # Set by the app: makes policy and view documents (False: not one of those names).
         self.filtered: Callable[[Download, ChannelConfig, Unit | None], Awaitable[bool]] | None = None
+        # Told of every fetch started (with whether a cached copy existed) and every failure.
+        self.on_start: Callable[[UnitKey, bool], None] | None = None
+        self.on_failure: Callable[[UnitKey, CondaproxyError], None] | None = None
         self._receiver = Receiver(catalog, metrics, self._failed, cpu, refusals)
         # Upstream 404s are remembered briefly, never for long (the file may appear soon).
         self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
@@ -108,6 +111,8 @@ class Fetcher:
         if (bad := self.cooldown.get(key)) is not None:
             raise bad
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
+        if self.on_start is not None:
+            self.on_start(key, cached is not None)
         return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable, client))
 
     async def probe(self, key: UnitKey, channel: ChannelConfig) -> Head:
@@ -321,6 +326,8 @@ class Fetcher:
             self.cooldown[dl.key] = exc
         self.metrics.upstream_failures.labels(type(exc).__name__).inc()
         log.warning("fetch of %s failed: %s", dl.key, exc)
+        if self.on_failure is not None:
+            self.on_failure(dl.key, exc)
         dl.fail(exc)
 
     async def _learn(self, unit: Unit, path: Path) -> None:

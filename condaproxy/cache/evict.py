@@ -92,6 +92,9 @@ class Evictor:
         self._lockfile = config.pin_lockfile
         self._lockfile_mtime: float | None = None
         self.pins = Pins(config.pin)
+        self.extra_pins = Pins()  # pinned at run time (admin API), kept by cache.pins
+        self.evicted_units = 0  # since start
+        self.evicted_bytes = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._grown = 0  # bytes persisted since the last pass
@@ -162,8 +165,12 @@ class Evictor:
         self.pins = Pins(self._patterns, frozenset(files))
         log.info("pinned %d packages from %s", len(files), lockfile)
 
-    async def run_once(self) -> Evicted:
-        """One pass: evict until blobs and catalog fit in max_size (a no-op when it is unlimited)."""
+    async def run_once(self, *, dry_run: bool = False) -> Evicted:
+        """One pass: evict until blobs and catalog fit in max_size (a no-op when it is unlimited).
+
+        dry_run: remove nothing; count what would go (about: a blob shared by rows that stay
+        would not be freed, and the catalog would shrink a little).
+        """
         async with self._lock:
             await self._refresh_pins()
             self._grown = 0
@@ -179,15 +186,20 @@ class Evictor:
             await self._catalog.flush_touches()
             units = freed = skipped = 0
             while blobs + catalog > self.max_size and not self._stopping:
-                batch = await self._catalog.eviction_candidates(BATCH, skipped)
+                batch = await self._catalog.eviction_candidates(BATCH, skipped + (units if dry_run else 0))
                 if not batch:
                     break
                 for cand in batch:
                     if blobs + catalog <= self.max_size or self._stopping:
                         break
                     key = cand.key
-                    if (key.kind is Kind.PACKAGE and key.filename in self.pins) or self._inflight.get(key):
+                    pinned = key.filename in self.pins or key.filename in self.extra_pins
+                    if (key.kind is Kind.PACKAGE and pinned) or self._inflight.get(key):
                         skipped += 1
+                        continue
+                    if dry_run:
+                        units, blobs, freed = units + 1, blobs - cand.size, freed + cand.size
+                        log.info("would evict %s (%d bytes)", key, cand.size)
                         continue
                     dropped = await self._catalog.evict(key, cand.blob_key, cand.accessed_at)
                     if dropped.orphan is not None:  # also when a newer put left us the old blob
@@ -201,8 +213,13 @@ class Evictor:
                     if dropped.forgot:  # a subdir's learned digests went: often most of the catalog
                         catalog = await self._catalog.reclaim()
                 # Rows deleted free catalog pages too.
-                catalog = await self._catalog.reclaim()
+                if not dry_run:
+                    catalog = await self._catalog.reclaim()
+            if dry_run:
+                return Evicted(units, freed, blobs, catalog)
             self._last_size = blobs + catalog
+            self.evicted_units += units
+            self.evicted_bytes += freed
             if blobs + catalog > self.max_size and not self._stopping:
                 log.warning(
                     "cache holds %d bytes (%d of them the catalog), over max_size %d:"

@@ -43,6 +43,24 @@ def may_serve_stale(unit: Unit | None, now: float, config: Config) -> bool:
     return now - unit.validated_at <= config.cache.repodata_ttl + config.cache.max_stale
 
 
+def stored_freshness(unit: Unit, now: float, config: Config) -> dict[str, str]:
+    """Cache-Control (and Age when stale) for a mutable unit served from the store (RFC 9111 5.2.2.1).
+
+    max-age is what is left of the TTL, not a fresh TTL: a front cache (nginx, Squid) or a
+    client that keeps the answer must not keep it past the moment the proxy itself revalidates.
+    """
+    limit = ttl(unit.key.kind, config)
+    if limit is None:
+        return {}
+    age = max(0, int(now - unit.validated_at))
+    headers = {"Cache-Control": f"public, max-age={max(0, limit - age)}"}
+    if age >= limit:
+        # Served stale: say how stale. A fresh answer carries no Age, since max-age already
+        # counts it down, and a cache that honours Age (Squid) would otherwise count it twice.
+        headers["Age"] = str(age)
+    return headers
+
+
 def cache_control(kind: Kind, config: Config) -> str:
     """The Cache-Control the proxy sends for a unit of this kind."""
     limit = ttl(kind, config)

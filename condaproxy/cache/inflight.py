@@ -287,6 +287,10 @@ class InflightTable:
         """The download in flight for key, if any."""
         return self._downloads.get(key)
 
+    def downloads(self) -> list[Download]:
+        """The downloads in flight now (for the status page)."""
+        return list(self._downloads.values())
+
     def start(self, key: UnitKey, run: Runner) -> Download:
         """Create the download for key and its task; the table, not the caller, owns the task."""
         if key in self._downloads:

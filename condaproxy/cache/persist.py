@@ -46,6 +46,7 @@ class PersistQueue:
         self._catalog = catalog
         self._metrics = metrics
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize)
+        self.active = 0  # jobs a worker is storing now
         self._workers = [
             asyncio.get_running_loop().create_task(self._work(), name=f"persist-{i}") for i in range(workers)
         ]
@@ -60,6 +61,7 @@ class PersistQueue:
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()
+            self.active += 1
             try:
                 unit = await self._persist(job)
             except asyncio.CancelledError:
@@ -76,7 +78,13 @@ class PersistQueue:
                 if not job.done.done():
                     job.done.set_result(unit)
             finally:
+                self.active -= 1
                 self._queue.task_done()
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a worker."""
+        return self._queue.qsize()
 
     async def _persist(self, job: Job) -> Unit:
         # A catalog locked by another process is transient: the temp file is still there (its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import math
 import os
 import re
@@ -206,6 +207,37 @@ class Section:
             if not _PIN.fullmatch(item):
                 raise self.error(key, f"expected package file names or globs such as numpy-*, got {item!r}")
         return items
+
+    def choice(self, key: str, default: str, choices: Sequence[str]) -> str:
+        raw = self.get(key)
+        if raw is None:
+            return default
+        if raw not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {raw!r}")
+        return raw
+
+    def networks(self, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        raw = self.get(key)
+        items = [w for w in _URL_SEPARATORS.split(raw or "") if w]
+        nets = []
+        for item in items:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                message = f"expected IP addresses or networks (10.0.0.0/8), got {item!r}"
+                raise self.error(key, message) from None
+        return tuple(dict.fromkeys(nets))
+
+    def log_target(self, key: str, base: Path) -> Path | None:
+        raw = self.get(key)
+        if raw is None or raw == "stderr":
+            return None
+        if not raw:
+            raise self.error(key, "expected stderr or a file path")
+        path = base / Path(raw).expanduser()
+        if not path.parent.is_dir():
+            raise self.error(key, f"no such directory: {path.parent}")
+        return path
 
     def existing_directory(self, key: str, base: Path) -> Path | None:
         raw = self.get(key)

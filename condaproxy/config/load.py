@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
@@ -10,10 +11,12 @@ from condaproxy.conda.rules import Rule, parse_rule
 from condaproxy.conda.when import parse_duration
 from condaproxy.config.ini import Section, parse_ini
 from condaproxy.config.model import (
+    AdminConfig,
     CacheConfig,
     ChannelConfig,
     Config,
     LazyConfig,
+    LogConfig,
     UpstreamConfig,
     default_cache_dir,
     is_channel_name,
@@ -32,6 +35,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "lazy": tuple(f.name for f in fields(LazyConfig)),
     "cache": tuple(f.name for f in fields(CacheConfig)),
     "upstream": tuple(f.name for f in fields(UpstreamConfig)),
+    "log": tuple(f.name for f in fields(LogConfig)),
+    "admin": tuple(f.name for f in fields(AdminConfig)),
     _CHANNEL_PREFIX: tuple(
         f.name for f in fields(ChannelConfig) if f.name not in ("name", "urls", "private_configured")
     ),
@@ -59,7 +64,7 @@ def load_config(path: Path | str) -> Config:
         kind = _CHANNEL_PREFIX if name.startswith(_CHANNEL_PREFIX) else name
         if kind not in _KEYS:
             message = (
-                "unknown section; expected [lazy], [cache], [upstream], [channel:NAME],"
+                "unknown section; expected [lazy], [cache], [upstream], [log], [admin], [channel:NAME],"
                 " [policy] or [policy:NAME]"
             )
             raise ConfigError(file, name, None, message)
@@ -70,6 +75,11 @@ def load_config(path: Path | str) -> Config:
         return sections.get(name) or Section(file, name, {})
 
     lazy = _lazy(section("lazy"))
+    log = LogConfig(
+        format=section("log").choice("format", LogConfig.format, ("text", "json")),
+        access_log=section("log").log_target("access_log", path.absolute().parent),
+    )
+    admin = AdminConfig(token_file=_token_file(section("admin"), path.absolute().parent))
     cache = _cache(section("cache"), path.absolute().parent)
     upstream = _upstream(section("upstream"))
     channels = {}
@@ -77,7 +87,16 @@ def load_config(path: Path | str) -> Config:
         if name.startswith(_CHANNEL_PREFIX):
             channel = _channel(sec, name.removeprefix(_CHANNEL_PREFIX), upstream, path.absolute().parent)
             channels[channel.name] = channel
-    return Config(lazy, cache, upstream, MappingProxyType(channels), source=path, rules=tuple(rules))
+    return Config(
+        lazy,
+        cache,
+        upstream,
+        MappingProxyType(channels),
+        source=path,
+        rules=tuple(rules),
+        log=log,
+        admin=admin,
+    )
 
 
 def default_config(directory: Path | None = None) -> Config:
@@ -95,7 +114,26 @@ def _lazy(s: Section) -> LazyConfig:
         shutdown_grace=s.seconds("shutdown_grace", d.shutdown_grace),
         send_timeout=s.seconds("send_timeout", d.send_timeout),
         max_cold_per_client=s.integer("max_cold_per_client", d.max_cold_per_client),
+        trusted_proxies=s.networks("trusted_proxies"),
+        public_url=s.url("public_url", None) if s.get("public_url") else None,
     )
+
+
+def _token_file(s: Section, base: Path) -> Path | None:
+    raw = s.get("token_file")
+    if not raw:
+        return None  # the admin API does not exist
+    path = base / Path(raw).expanduser()
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    # Under systemd (LoadCredential=admin.token:/etc/condaproxy/admin.token) the service's
+    # transient user cannot read the file itself, only its credential copy of the same name.
+    if creds and not os.access(path, os.R_OK) and os.access(Path(creds) / path.name, os.R_OK):
+        return Path(creds) / path.name
+    if not path.is_file():
+        raise s.error("token_file", f"no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise s.error("token_file", f"not readable by this user: {path}")
+    return path
 
 
 def _cache(s: Section, base: Path) -> CacheConfig:

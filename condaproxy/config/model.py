@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,9 @@ from condaproxy.config.tls import TlsIdentity
 _CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*)*")
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def default_cache_dir() -> Path:
     return Path(platformdirs.user_data_dir("condaproxy"))
 
@@ -37,6 +41,9 @@ class LazyConfig:
     send_timeout: float = 60.0
     # Cold fetches (upstream downloads or HEADs) one client address may have running; 0: no bound.
     max_cold_per_client: int = 64
+    # Front proxies whose X-Forwarded-For / Forwarded name the client (addresses or networks).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    public_url: str | None = None  # what clients use to reach the proxy, for the /_setup page
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,21 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where log lines go and how they look."""
+
+    format: str = "text"  # "text" or "json"
+    access_log: Path | None = None  # None: stderr, with the other logs
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin API: it exists only when a token file is configured."""
+
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; build it with load_config() or default_config()."""
 
@@ -135,6 +157,8 @@ class Config:
     channels: Mapping[str, ChannelConfig] = field(default_factory=lambda: MappingProxyType({}))
     source: Path | None = None
     rules: tuple[Rule, ...] = ()  # [policy] and [policy:NAME]: hide and deny rules
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         # A frozen dataclass still hands out its dict; a proxy keeps channels read-only.

@@ -1,4 +1,4 @@
-"""Requests refused before routing: anything but GET and HEAD without a body."""
+"""Requests refused before routing: anything but GET and HEAD without a body (and the admin API's POSTs)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def _refuse(
 @web.middleware
 async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Only GET and HEAD without a body exist here: anything else is refused before routing."""
+    if request.path.startswith("/_admin/"):
+        # The admin API's routes exist only when [admin] token_file is set; they authenticate
+        # before reading a body, and bound it.
+        if request.method == "POST" and getattr(request.match_info.route, "method", None) == "POST":
+            return await handler(request)
+        return _refuse(request, 404, "no such endpoint")
     if request.method not in ("GET", "HEAD"):
         # CONNECT, OPTIONS * and writes; never an outbound connection.
         return _refuse(request, 405, "only GET and HEAD are supported", {"Allow": "GET, HEAD"})

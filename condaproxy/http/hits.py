@@ -12,6 +12,7 @@ from typing import IO
 
 from aiohttp import web
 
+from condaproxy.cache.freshness import stored_freshness
 from condaproxy.cache.removal import remove_unit
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
@@ -19,11 +20,16 @@ from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import CondaproxyError
 from condaproxy.http import sending
-from condaproxy.http.responses import abort, plan_for, unit_headers, without_body
+from condaproxy.http.responses import RELEASE, abort, plan_for, unit_headers, without_body
 from condaproxy.http.services import Services
 from condaproxy.store.files import opened
 
 log = logging.getLogger(__name__)
+
+
+def _max_age(cache_control: str) -> int:
+    """The max-age of a Cache-Control value the proxy wrote ("public, max-age=N")."""
+    return int(cache_control.rpartition("max-age=")[2] or 0)
 
 
 def _open_blob(path: str, size: int) -> IO[bytes] | None:
@@ -100,8 +106,11 @@ async def _serve_blob(
             return None
     try:
         headers = unit_headers(svc.config, unit.key, {**unit.headers, **extra}, xcache, svc.clock())
-        if xcache == "STALE":
-            headers["Age"] = str(max(0, int(time.time() - unit.validated_at)))
+        fresh = stored_freshness(unit, time.time(), svc.config)
+        if RELEASE in unit.headers and "Cache-Control" in fresh:
+            # A policy document's own cap (the next release) stays when it is the shorter.
+            fresh["Cache-Control"] = min(headers["Cache-Control"], fresh["Cache-Control"], key=_max_age)
+        headers.update(fresh)
         svc.catalog.touch(unit.key, time.time())
         # Client-facing validators: for derived or rewritten units they differ from upstream's.
         plan = plan_for(request, unit.size, unit.headers)

@@ -13,7 +13,15 @@ import pytest
 
 from condaproxy.config.interfaces import bind_addresses
 from condaproxy.config.load import default_config, load_config
-from condaproxy.config.model import CacheConfig, ChannelConfig, LazyConfig, UpstreamConfig, is_channel_name
+from condaproxy.config.model import (
+    AdminConfig,
+    CacheConfig,
+    ChannelConfig,
+    LazyConfig,
+    LogConfig,
+    UpstreamConfig,
+    is_channel_name,
+)
 from condaproxy.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "config" / "condaproxy.ini"
@@ -99,7 +107,7 @@ def test_shipped_example_parses_and_shows_every_key() -> None:
     config = load_config(SHIPPED)
     assert config.cache.directory == Path("/var/lib/condaproxy")
     text = SHIPPED.read_text()
-    for cls in (LazyConfig, CacheConfig, UpstreamConfig):
+    for cls in (LazyConfig, CacheConfig, UpstreamConfig, LogConfig, AdminConfig):
         for f in dataclasses.fields(cls):
             assert f"\n{f.name} = " in text, f.name
 
@@ -314,7 +322,7 @@ def test_unknown_section(tmp_path: Path, section: str) -> None:
     message = str(load_error(tmp_path, f"[{section}]\n"))
     assert message == (
         f"{tmp_path / 'proxy.ini'}: [{section}]: unknown section; "
-        "expected [lazy], [cache], [upstream], [channel:NAME], [policy] or [policy:NAME]"
+        "expected [lazy], [cache], [upstream], [log], [admin], [channel:NAME], [policy] or [policy:NAME]"
     )
 
 

@@ -12,10 +12,11 @@ from condaproxy.cache.catalog.learned import LearnedRows
 from condaproxy.cache.catalog.ledger import LedgerRows
 from condaproxy.cache.catalog.refused import RefusedRows
 from condaproxy.cache.catalog.revisions import RevisionRows
+from condaproxy.cache.catalog.summary import SummaryRows
 from condaproxy.cache.catalog.unit_rows import UnitRows
 
 
-class Catalog(UnitRows, LearnedRows, EvictionRows, LedgerRows, RevisionRows, RefusedRows):
+class Catalog(UnitRows, LearnedRows, EvictionRows, LedgerRows, RevisionRows, RefusedRows, SummaryRows):
     """Async access to the catalog; the only writer of unit rows."""
 
     async def close(self) -> None:

@@ -1,0 +1,1 @@
+"""condaproxy's benchmark harness (`python -m benchmarks`) and its soak test (soak.py)."""
