@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from condaproxy.cache.adopt import Adopter
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.cpu import CpuHook, CpuPool, default_workers
 from condaproxy.cache.derive import Deriver
@@ -48,7 +49,11 @@ from condaproxy.http.statuspage import status_page
 from condaproxy.metrics import Metrics
 from condaproxy.ops.lifecycle import ServiceManager
 from condaproxy.ops.logs import LogFiles
+from condaproxy.store.blobstore import BlobStore
 from condaproxy.store.filesystem import FilesystemStore
+from condaproxy.store.local_cache import LocalCachedStore
+from condaproxy.store.s3 import S3Store
+from condaproxy.store.s3_client import S3Settings
 from condaproxy.upstream.admission import ClientAuth
 from condaproxy.upstream.ratelimit import ProbeLimiter
 
@@ -69,7 +74,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, lambda: root.mkdir(parents=True, exist_ok=True))
     await loop.run_in_executor(None, reset_temp_dir, temp)
-    store = parts.store(root / "blobs")
+    store = await open_store(config, parts.store)
     catalog = await parts.catalog.open(root / "catalog.sqlite3")
     clock = app[CLOCK]
     catalog.clock = clock
@@ -81,7 +86,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     upstream = Upstream()
     # CPU-heavy jobs get threads of their own; the loop's default executor keeps file I/O.
     cpu = CpuPool(config.cache.cpu_workers or default_workers(), config.cache.cpu_queue, app.get(CPU_HOOK))
-    persist = PersistQueue(store, catalog, metrics, config.cache.persist_workers)
+    persist = PersistQueue(
+        store,
+        catalog,
+        metrics,
+        config.cache.persist_workers,
+        # S3 can be down while the proxy is up: refused persists wait there and are tried again.
+        backlog_dir=temp / "backlog" if store.shared else None,
+        backlog_limit=config.store.persist_backlog,
+        retry_max=config.store.persist_retry_max,
+    )
     inflight = InflightTable(temp)
     fetcher = Fetcher(
         config=config,
@@ -95,6 +109,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     resolver = DigestResolver(catalog, store, fetcher, temp, cpu)
     fetcher.expected = resolver
+    if store.shared:  # other nodes' objects are found in the bucket before the upstream is asked
+        fetcher.adopter = Adopter(catalog, store, metrics, resolver)
     fetcher.deriver = Deriver(
         lambda key, channel: fetcher.obtain(key, channel, derive=False),
         catalog,
@@ -172,6 +188,40 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await upstream.close()
         await catalog.close()
         await store.close()
+
+
+def s3_settings(config: Config) -> S3Settings:
+    """The S3 client's settings from [store]; its pool is kept above persist and read concurrency."""
+    sc = config.store
+    uploads = config.cache.persist_workers * sc.part_concurrency
+    return S3Settings(
+        bucket=sc.bucket,
+        prefix=sc.prefix,
+        endpoint_url=sc.endpoint_url,
+        region=sc.region,
+        addressing_style=sc.addressing_style,
+        connect_timeout=sc.connect_timeout,
+        read_timeout=sc.read_timeout,
+        multipart_threshold=sc.part_size,
+        part_size=sc.part_size,
+        part_concurrency=sc.part_concurrency,
+        max_connections=max(sc.max_connections, uploads + 32),
+    )
+
+
+async def open_store(config: Config, filesystem: type[FilesystemStore] = FilesystemStore) -> BlobStore:
+    """The configured blob store, ready to use (S3: no request is sent yet)."""
+    root = config.cache.directory
+    if not config.store.s3:
+        return filesystem(root / "blobs")
+    remote = await S3Store(s3_settings(config)).open()
+    if not config.store.local_cache:
+        return remote
+    try:
+        return await LocalCachedStore(remote, root / "s3-cache", config.store.local_cache).open()
+    except BaseException:
+        await remote.close()
+        raise
 
 
 class Deadline:

@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a configuration file and summarise it")
     check.add_argument("file", metavar="FILE")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also check that the S3 bucket is reachable and writable with the credentials found",
+    )
     check.set_defaults(run=_check_config)
 
     verify = commands.add_parser(
@@ -198,6 +203,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
+    if config.store.s3:
+        # S3 checked every object's sha256 when it was stored; a node holds no blobs of its own.
+        print("verify checks the filesystem store; with [store] backend = s3 there is nothing local to check")
+        return 0
     from condaproxy.cache.verify import verify
 
     report = verify(config.cache.directory)
@@ -212,7 +221,24 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{args.file}: ok")
     for line in _summary(config, addresses):
         print(f"  {line}")
+    if args.online and config.store.s3:
+        problem = asyncio.run(_check_bucket(config))
+        if problem is not None:
+            print(f"condaproxy: {args.file}: [store] {problem}", file=sys.stderr)
+            return 1
+        print(f"  store: bucket {config.store.bucket} reachable and writable")
     return 0
+
+
+async def _check_bucket(config: Config) -> str | None:
+    from condaproxy.app import s3_settings
+    from condaproxy.store.s3 import S3Store
+
+    store = await S3Store(s3_settings(config)).open()
+    try:
+        return await store.check()
+    finally:
+        await store.close()
 
 
 def _summary(config: Config, addresses: Sequence[str]) -> list[str]:
@@ -227,5 +253,17 @@ def _summary(config: Config, addresses: Sequence[str]) -> list[str]:
         ),
         f"upstream: {up.default} (unlisted channels {'allowed' if up.allow_unlisted else 'refused'})",
     ]
+    st = config.store
+    if st.s3:
+        where = st.endpoint_url or f"AWS {st.region or 'us-east-1'}"
+        extras = [
+            f"redirect ({st.presign_ttl}s)" if st.redirect else "",
+            f"local cache {st.local_cache} bytes" if st.local_cache else "",
+        ]
+        lines.append(
+            f"store: s3://{st.bucket}/{st.prefix} at {where}" + "".join(f", {e}" for e in extras if e)
+        )
+    else:
+        lines.append(f"store: filesystem, {cache.directory / 'blobs'}")
     lines += [f"channel {c.name}: {c.url}" for c in config.channels.values()]
     return lines

@@ -110,3 +110,17 @@ class DownloadAbandoned(CondaproxyError):
 
 class ClientStalled(CondaproxyError):
     """A client accepted no response bytes for send_timeout seconds: its response is cut off."""
+
+
+class StoreError(CondaproxyError):
+    """The blob store failed an operation; not worth retrying as it is (see StoreUnavailable)."""
+
+    status = 503
+
+
+class StoreUnavailable(StoreError):
+    """The blob store (S3) could not be reached, stalled or answered with an error: try later."""
+
+
+class BlobDamaged(StoreError):
+    """A stored blob is missing or not the size its catalog row says: drop the row, fetch again."""

@@ -93,6 +93,35 @@ class Metrics:
             ["channel", "reason"],
             registry=r,
         )
+        self.persist_queued = Gauge(
+            "condaproxy_persist_queue_depth",
+            "Verified downloads waiting for a persist worker",
+            registry=r,
+        )
+        self.persist_backlog = Gauge(
+            "condaproxy_persist_backlog_depth",
+            "Verified downloads the store refused for now (S3 down or slow), tried again with backoff",
+            registry=r,
+        )
+        self.persist_dropped = Counter(
+            "condaproxy_persist_dropped",
+            "Verified downloads served but not stored: the persist queue or backlog was full",
+            registry=r,
+        )
+        self.store_read_failures = Counter(
+            "condaproxy_store_read_failures",
+            "Hits the blob store could not serve (S3 down, slow or damaged): fetched from upstream instead",
+            registry=r,
+        )
+        self.adopted = Counter(
+            "condaproxy_adopted",
+            "Units found in the shared store (stored by another node) instead of fetched upstream",
+            ["kind"],
+            registry=r,
+        )
+        self.redirects = Counter(
+            "condaproxy_store_redirects", "Hits answered with a redirect to a presigned URL", registry=r
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

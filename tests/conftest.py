@@ -6,13 +6,16 @@ tests/ has no __init__.py, so pytest puts tests/ on sys.path (rootdir-relative
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import itertools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from channel import Channel, build_channel
 from proxy import Proxy, make_config
+from s3 import AWS_ENV, MotoServer, S3FaultProxy, create_bucket
 from upstream import FakeUpstream
 
 from condaproxy.app import DEFAULT_PARTS, Parts
@@ -78,3 +81,54 @@ async def proxy_factory(
 async def proxy(proxy_factory: Callable[..., Awaitable[Proxy]]) -> Proxy:
     """An in-process proxy with default settings in front of the fake upstream."""
     return await proxy_factory()
+
+
+# -- a real S3 endpoint (moto_server, one process per session) --------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto_server on 127.0.0.1, started once per session when a test asks for it."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A moto_server that checks credentials: the keys the tests use are unknown to it."""
+    log = tmp_path_factory.mktemp("moto-auth") / "moto.log"
+    server = MotoServer(log, env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Credentials in the environment (the standard AWS chain), as a deployment would have them."""
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    return AWS_ENV
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+async def bucket(moto: MotoServer, aws_env: dict[str, str]) -> str:
+    """A new, empty bucket of its own for each test."""
+    return await create_bucket(moto.url, f"test-{os.getpid()}-{next(_buckets)}")
+
+
+@pytest.fixture
+async def s3faults(moto: MotoServer) -> AsyncIterator[S3FaultProxy]:
+    """A fault-injecting proxy in front of moto; point endpoint_url at its url."""
+    proxy = await S3FaultProxy(moto.url).start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()

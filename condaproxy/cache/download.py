@@ -17,6 +17,8 @@ import aiohttp
 from cachetools import TTLCache
 
 from condaproxy.cache import altsource, learning
+from condaproxy.cache.adopt import Adopter
+from condaproxy.cache.backlog import Deferred
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.derive import Deriver, derivation_sources
@@ -80,6 +82,7 @@ class Fetcher:
         # Told of every fetch started (with whether a cached copy existed) and every failure.
         self.on_start: Callable[[UnitKey, bool], None] | None = None
         self.on_failure: Callable[[UnitKey, CondaproxyError], None] | None = None
+        self.adopter: Adopter | None = None  # set by the app when the store is shared
         self._receiver = Receiver(catalog, metrics, self._failed, cpu, refusals)
         # Upstream 404s are remembered briefly, never for long (the file may appear soon).
         self.not_found: TTLCache[UnitKey, UpstreamNotFound] = TTLCache(
@@ -99,11 +102,13 @@ class Fetcher:
         *,
         derive: bool = True,
         client: str | None = None,
+        adopt: bool = True,
     ) -> Download:
         """Start the one download of key (the caller checked none is in flight).
 
         derive=False: never make a missing variant from a sibling (used for derivation sources).
         client: the address of the client asking, whose derivations are bounded.
+        adopt=False: never take it from the shared store (which just failed to serve it).
         """
         derivable = derive and bool(derivation_sources(key))
         if (err := self.not_found.get(key)) is not None and cached is None and not derivable:
@@ -113,7 +118,7 @@ class Fetcher:
         self.metrics.upstream_fetches.labels(key.kind.value).inc()
         if self.on_start is not None:
             self.on_start(key, cached is not None)
-        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable, client))
+        return self.inflight.start(key, lambda dl: self._run(dl, channel, cached, derivable, client, adopt))
 
     async def probe(self, key: UnitKey, channel: ChannelConfig) -> Head:
         """What a GET of a package or shard would start with, without downloading it.
@@ -176,7 +181,13 @@ class Fetcher:
         await self._learn(unit, path)
 
     async def _run(
-        self, dl: Download, channel: ChannelConfig, cached: Unit | None, derive: bool, client: str | None
+        self,
+        dl: Download,
+        channel: ChannelConfig,
+        cached: Unit | None,
+        derive: bool,
+        client: str | None,
+        adopt: bool = True,
     ) -> None:
         key = dl.key
         if key.kind is Kind.PACKAGE and await altsource.serve(dl, channel, self.expected, self.persist):
@@ -188,6 +199,13 @@ class Fetcher:
             await self._derive(dl, channel, cached, UpstreamNotFound("no such representation"), client)
             return
         url = await self._url(channel, key)
+        if (
+            adopt
+            and cached is None
+            and self.adopter is not None
+            and await self.adopter.adopt(dl, channel, url)
+        ):
+            return  # another node stored it in the shared bucket: no upstream fetch
         validators = Validators(cached.etag, cached.last_modified) if cached else None
         try:
             if (missing := self.not_found.get(key)) is not None:
@@ -232,6 +250,8 @@ class Fetcher:
             await self.catalog.expire(key.channel, key.subdir, variants.siblings(key.filename))
         try:
             await self.persist.persist(unit, dl.temp_path)
+        except Deferred:
+            pass  # the backlog stores it once the store is back; learn from the bytes now
         except Exception:
             return  # counted and logged by the persist queue; the client already has its bytes
         if key.kind in (Kind.REPODATA, Kind.SHARD):

@@ -65,6 +65,7 @@ class Download:
         self.sha256: str | None = None
         self.subscribers = 0  # readers streaming from it (a relay paces itself to them)
         self.pins = 0  # requests that may still read the temp file
+        self.adopted = False  # NOT_MODIFIED because another node had stored it (cache/adopt.py)
         self.ended = False  # the task is over; the temp file goes when the last pin is released
         self._removed = False
         # Requests waiting for the head: readers to be, whose leaving also counts (unread).

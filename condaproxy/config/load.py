@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from types import MappingProxyType
@@ -17,6 +18,7 @@ from condaproxy.config.model import (
     Config,
     LazyConfig,
     LogConfig,
+    StoreConfig,
     UpstreamConfig,
     default_cache_dir,
     is_channel_name,
@@ -37,6 +39,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "upstream": tuple(f.name for f in fields(UpstreamConfig)),
     "log": tuple(f.name for f in fields(LogConfig)),
     "admin": tuple(f.name for f in fields(AdminConfig)),
+    "store": tuple(f.name for f in fields(StoreConfig)),
     _CHANNEL_PREFIX: tuple(
         f.name for f in fields(ChannelConfig) if f.name not in ("name", "urls", "private_configured")
     ),
@@ -64,8 +67,8 @@ def load_config(path: Path | str) -> Config:
         kind = _CHANNEL_PREFIX if name.startswith(_CHANNEL_PREFIX) else name
         if kind not in _KEYS:
             message = (
-                "unknown section; expected [lazy], [cache], [upstream], [log], [admin], [channel:NAME],"
-                " [policy] or [policy:NAME]"
+                "unknown section; expected [lazy], [cache], [store], [upstream], [log], [admin],"
+                " [channel:NAME], [policy] or [policy:NAME]"
             )
             raise ConfigError(file, name, None, message)
         sections[name] = Section(file, name, parser[name])
@@ -87,6 +90,7 @@ def load_config(path: Path | str) -> Config:
         if name.startswith(_CHANNEL_PREFIX):
             channel = _channel(sec, name.removeprefix(_CHANNEL_PREFIX), upstream, path.absolute().parent)
             channels[channel.name] = channel
+    store = _store(section("store"))
     return Config(
         lazy,
         cache,
@@ -96,6 +100,7 @@ def load_config(path: Path | str) -> Config:
         rules=tuple(rules),
         log=log,
         admin=admin,
+        store=store,
     )
 
 
@@ -214,6 +219,58 @@ def _rules(s: Section, channel: str) -> list[Rule]:
             except ValueError as exc:
                 raise s.error(key, str(exc)) from None
     return rules
+
+
+# S3 bucket names (AWS rules, which MinIO and Ceph follow): 3-63 of a-z 0-9 . -, ends alphanumeric.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_S3_ONLY = tuple(f.name for f in fields(StoreConfig) if f.name != "backend")
+
+
+def _store(s: Section) -> StoreConfig:
+    d = StoreConfig()
+    backend = s.get("backend") or d.backend
+    if backend not in ("filesystem", "s3"):
+        raise s.error("backend", f"expected filesystem or s3, got {backend!r}")
+    if backend != "s3":
+        for key in _S3_ONLY:
+            if key in s.values:
+                raise s.error(key, "applies to backend = s3 only")
+        return d
+    bucket = s.get("bucket")
+    if not bucket:
+        raise s.error("bucket", "missing; backend = s3 needs a bucket name")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise s.error("bucket", f"expected an S3 bucket name (3-63 of a-z, 0-9, '.', '-'), got {bucket!r}")
+    prefix = (s.get("prefix") or "").strip()
+    if prefix.startswith("/") or "//" in prefix or any(c.isspace() or ord(c) < 0x20 for c in prefix):
+        raise s.error("prefix", f"expected a key prefix such as condaproxy/ (no leading '/'), got {prefix!r}")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    style = s.get("addressing_style") or d.addressing_style
+    if style not in ("path", "virtual", "auto"):
+        raise s.error("addressing_style", f"expected path, virtual or auto, got {style!r}")
+    part_size = s.size("part_size", d.part_size)
+    if not 5 << 20 <= part_size <= 5 << 30:
+        raise s.error("part_size", "expected 5M to 5G (S3's limits for a part)")
+    return StoreConfig(
+        backend="s3",
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=s.url("endpoint_url", None) if s.get("endpoint_url") is not None else None,
+        region=s.get("region") or None,
+        addressing_style=style,
+        redirect=s.boolean("redirect", d.redirect),
+        # SigV4 presigned URLs live at most 7 days.
+        presign_ttl=s.integer("presign_ttl", d.presign_ttl, minimum=1, maximum=604800),
+        local_cache=s.size("local_cache", d.local_cache),
+        connect_timeout=s.seconds("connect_timeout", d.connect_timeout),
+        read_timeout=s.seconds("read_timeout", d.read_timeout),
+        part_size=part_size,
+        part_concurrency=s.integer("part_concurrency", d.part_concurrency, minimum=1, maximum=64),
+        max_connections=s.integer("max_connections", d.max_connections, minimum=8),
+        persist_backlog=s.integer("persist_backlog", d.persist_backlog),
+        persist_retry_max=s.seconds("persist_retry_max", d.persist_retry_max),
+    )
 
 
 def _upstream(s: Section) -> UpstreamConfig:

@@ -72,6 +72,36 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where blobs live: the cache directory (filesystem) or an S3 bucket shared by several nodes.
+
+    No credentials here: S3 uses the standard AWS chain (environment, shared profile, role).
+    """
+
+    backend: str = "filesystem"  # filesystem | s3
+    bucket: str = ""
+    prefix: str = ""  # key prefix inside the bucket, "" or ending in "/"
+    endpoint_url: str | None = None  # None: AWS
+    region: str | None = None
+    addressing_style: str = "auto"  # path | virtual | auto
+    redirect: bool = False  # package/shard hits answer 302 to a presigned GET URL
+    presign_ttl: int = 300
+    local_cache: int = 0  # bytes of hot blobs kept on this node's disk; 0 = none
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    part_size: int = 16 << 20  # multipart part size; blobs up to this size are one PUT
+    part_concurrency: int = 4  # parts of one upload in flight (and in memory) at once
+    max_connections: int = 64  # the S3 client's connection pool
+    persist_backlog: int = 1000  # verified downloads waiting for S3 to come back; past it, not stored
+    persist_retry_max: float = 300.0  # longest wait between two tries of a persist
+
+    @property
+    def s3(self) -> bool:
+        """Blobs live in S3."""
+        return self.backend == "s3"
+
+
+@dataclass(frozen=True)
 class ChannelConfig:
     """One upstream channel: its base URLs (no trailing slash), timeouts, TLS and credentials."""
 
@@ -159,6 +189,7 @@ class Config:
     rules: tuple[Rule, ...] = ()  # [policy] and [policy:NAME]: hide and deny rules
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def __post_init__(self) -> None:
         # A frozen dataclass still hands out its dict; a proxy keeps channels read-only.

@@ -31,14 +31,20 @@ def _client(request: web.Request) -> str:
 
 
 def start(
-    request: web.Request, svc: Services, key: UnitKey, channel: ChannelConfig, cached: Unit | None
+    request: web.Request,
+    svc: Services,
+    key: UnitKey,
+    channel: ChannelConfig,
+    cached: Unit | None,
+    *,
+    adopt: bool = True,
 ) -> Download | web.Response:
-    """Start key's download for this client, or the answer that refuses it."""
+    """Start key's download for this client, or the answer that refuses it (adopt: see Fetcher.start)."""
     client = _client(request)
     if not svc.cold.take(client):
         return error(request, 503, _BUSY, key=key, type_=_BUSY_TYPE)
     try:
-        dl = svc.fetcher.start(key, channel, cached, client=request.remote)
+        dl = svc.fetcher.start(key, channel, cached, client=request.remote, adopt=adopt)
     except CondaproxyError as exc:
         svc.cold.give_back(client)
         return failed(request, exc, key=key, channel=channel)

@@ -107,27 +107,32 @@ async def _serve(
             request, svc, channel, dl, "COLLAPSED", None, now, look_up=not key.kind.immutable
         )
     unit = await svc.catalog.get(key)
+    failed_hit = False
     found = verdict(unit, now, svc.config)
     if found is Verdict.HIT and unit is not None:
         served = await serve_unit(request, svc, unit, "HIT", channel)
         if served is not None:
             return served
-        unit = None  # the blob went missing or changed size: fetch it again
+        unit = None  # the blob went missing or changed size, or S3 failed: fetch it again
+        failed_hit = True
     elif found is Verdict.STALE_WHILE_REVALIDATE and unit is not None:
         if svc.inflight.get(key) is None:
             with contextlib.suppress(CondaproxyError):
-                svc.fetcher.start(key, channel, unit, client=request.remote)  # one background revalidation
+                # One background revalidation.
+                svc.fetcher.start(key, channel, unit, client=request.remote)
         served = await serve_unit(request, svc, unit, "STALE", channel)
         if served is not None:
             return served
         unit = None
+        failed_hit = True
     # Re-check after the await: another request may have started the fetch meanwhile.
     dl = svc.inflight.get(key)
     xcache = "COLLAPSED"
     if dl is None:
         if request.method == "HEAD" and key.kind.immutable:
             return await cold.head(request, svc, key, channel)  # never a download for a HEAD
-        started = cold.start(request, svc, key, channel, unit)
+        # After a failed hit, from the upstream: the store just failed to serve this.
+        started = cold.start(request, svc, key, channel, unit, adopt=not failed_hit)
         if isinstance(started, web.Response):
             return started  # refused: past this client's bound, or known missing
         dl, xcache = started, "MISS"
@@ -144,6 +149,7 @@ async def _follow(
     now: float,
     *,
     look_up: bool,
+    fall_back: bool = True,
 ) -> web.StreamResponse:
     """Stream the download dl, or answer from the store when it says so (304, or stale)."""
     # Pinned before any await (a coroutine runs up to its first await when awaited): the temp
@@ -178,11 +184,22 @@ async def _follow(
         if state is State.NOT_MODIFIED:
             fresh = await svc.catalog.get(dl.key)
             if fresh is not None:
-                served = await serve_unit(request, svc, fresh, "REVALIDATED", channel)
+                served = await serve_unit(
+                    request, svc, fresh, "HIT" if dl.adopted else "REVALIDATED", channel
+                )
                 if served is not None:
                     return served
-            detail = "the cached copy vanished during its revalidation; retry"
-            return error(request, 502, detail, key=dl.key)
+            if not (fall_back and svc.store.shared) or svc.inflight.get(dl.key) is not None:
+                detail = "the cached copy vanished during its revalidation; retry"
+                return error(request, 502, detail, key=dl.key)
+            # The shared store could not serve what it holds (S3 down or slow): fetch it whole.
+            try:
+                again = svc.fetcher.start(dl.key, channel, None, client=request.remote, adopt=False)
+            except CondaproxyError as exc:
+                return failed(request, exc, key=dl.key, channel=channel)
+            return await _follow(
+                request, svc, channel, again, "MISS", None, now, look_up=False, fall_back=False
+            )
         return await stream(request, svc, dl, xcache)
     finally:
         dl.unpin()

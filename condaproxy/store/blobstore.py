@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Protocol
@@ -24,25 +24,51 @@ def check_key(key: str) -> str:
 
 
 class BlobStore(Protocol):
-    """Durable, content-addressed storage of complete, verified units."""
+    """Durable, content-addressed storage of complete, verified units.
+
+    A shared store (S3) is used by several nodes at once: a blob there may be relied on by
+    another node's catalog, so a node never deletes one; delete() drops only its local copy.
+    """
+
+    # True when other nodes may use the same blobs (S3): nothing this node does removes them.
+    shared: bool
 
     async def put(self, key: str, src: Path) -> None:
         """Durably store the bytes of src under key; src stays where it is."""
 
     async def delete(self, key: str) -> None:
-        """Remove the blob; a missing blob is not an error."""
+        """Remove the blob from this node; a missing blob is not an error.
+
+        The filesystem store deletes the file; a shared store keeps the object (other nodes
+        may use it) and drops only this node's local copy, if it has one.
+        """
 
     async def size(self, key: str) -> int | None:
         """The stored size, or None when the blob is missing."""
 
     def local_path(self, key: str) -> Path | None:
-        """A local file holding the blob (for sendfile), or None for remote stores."""
+        """A local file holding the blob (for sendfile), or None when there is none on this node."""
 
-    def read(self, key: str, offset: int, count: int) -> AsyncIterator[bytes]:
-        """Stream count bytes of the blob from offset."""
+    def keep_local(self, key: str, size: int) -> None:
+        """A hit was served from afar: keep a local copy for the next one (no-op for local stores)."""
+
+    async def presign(self, key: str, ttl: int) -> str | None:
+        """A URL a client may GET the blob from for ttl seconds, or None (local stores)."""
+
+    def read(
+        self, key: str, offset: int, count: int, *, size: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """Stream count bytes of the blob from offset.
+
+        size, when given, is the blob's whole size as its row says: a blob of another size
+        raises BlobDamaged (before the first chunk, where the store can tell).
+        """
 
     def keys(self) -> AsyncIterator[str]:
         """Every key in the store (for sweeps and verification)."""
+
+    async def remove_partials(self) -> list[str]:
+        """Delete half-made local copies a crash left (run at startup, before any put)."""
 
     async def close(self) -> None:
         """Release clients and connections."""

@@ -62,3 +62,9 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def unlink_all(paths: list[Path]) -> None:
+    """Remove files; those already gone are no error."""
+    for path in paths:
+        path.unlink(missing_ok=True)

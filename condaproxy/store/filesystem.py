@@ -6,9 +6,10 @@ import asyncio
 import errno
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
+from condaproxy.errors import BlobDamaged
 from condaproxy.store.blobstore import check_key
 from condaproxy.store.files import fsync_dir, open_fd, opened
 
@@ -17,6 +18,8 @@ CHUNK = 256 * 1024
 
 class FilesystemStore:
     """Content-addressed files; put() is fsync(file) -> link/rename -> fsync(dir)."""
+
+    shared = False
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -88,11 +91,22 @@ class FilesystemStore:
         """The file holding the blob (it may have vanished since the catalog said so)."""
         return self._path(key)
 
-    async def read(self, key: str, offset: int, count: int) -> AsyncIterator[bytes]:
-        """Stream count bytes of the blob from offset."""
+    def keep_local(self, key: str, size: int) -> None:
+        """Every blob is local already."""
+
+    async def presign(self, key: str, ttl: int) -> str | None:
+        """Local files have no URL of their own."""
+        return None
+
+    async def read(
+        self, key: str, offset: int, count: int, *, size: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """Stream count bytes of the blob from offset (size: see BlobStore.read)."""
         loop = asyncio.get_running_loop()
         fd = await opened(open_fd(self._path(key), os.O_RDONLY), os.close)
         try:
+            if size is not None and (have := os.fstat(fd).st_size) != size:
+                raise BlobDamaged(f"blob {key} is {have} bytes, its row says {size}")
             while count > 0:
                 chunk = await loop.run_in_executor(None, os.pread, fd, min(CHUNK, count), offset)
                 if not chunk:

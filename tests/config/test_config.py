@@ -322,7 +322,7 @@ def test_unknown_section(tmp_path: Path, section: str) -> None:
     message = str(load_error(tmp_path, f"[{section}]\n"))
     assert message == (
         f"{tmp_path / 'proxy.ini'}: [{section}]: unknown section; "
-        "expected [lazy], [cache], [upstream], [log], [admin], [channel:NAME], [policy] or [policy:NAME]"
+        "expected [lazy], [cache], [store], [upstream], [log], [admin], [channel:NAME], [policy] or [policy:NAME]"
     )
 
 
