@@ -28,6 +28,7 @@ from condaproxy.cache.housekeeping import flush_touches_forever, reset_temp_dir,
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.policies import PolicyBook
+from condaproxy.cache.private import LearnedPrivate
 from condaproxy.cache.refusals import Refusals
 from condaproxy.cache.scrub import Scrubber
 from condaproxy.config.interfaces import bind_addresses
@@ -136,8 +137,23 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     auth = ClientAuth(upstream, config.upstream.auth_ttl, ProbeLimiter(*config.upstream.auth_probe_rate))
     cold = ColdFetches(config.lazy.max_cold_per_client)
     hot = HotBlobs(config.lazy.hot_cache)
+    private = LearnedPrivate(catalog)
+    await private.load()
     app[SERVICES] = Services(
-        config, catalog, store, upstream, inflight, persist, fetcher, metrics, auth, cold, book, clock, hot
+        config,
+        catalog,
+        store,
+        upstream,
+        inflight,
+        persist,
+        fetcher,
+        metrics,
+        auth,
+        cold,
+        book,
+        clock,
+        hot=hot,
+        private=private,
     )
     catalog.on_blob_deleted = hot.discard  # a deleted blob is not kept in memory either
     flusher = loop.create_task(flush_touches_forever(catalog), name="flush-touches")

@@ -89,6 +89,9 @@ async def test_cooldown_holds_a_fresh_release_in_every_form(
         metrics = (await proxy.get("/metrics")).body.decode()
         assert 'condaproxy_policy_held{channel="alpha"} 1.0' in metrics
         assert 'condaproxy_policy_refused_total{channel="alpha",reason="min_age"} 1.0' in metrics
+        plain = await proxy.get("/alpha/noarch/alpha-1.2-0.conda", headers={"Accept": "text/plain"})
+        assert plain.status == 403 and plain.headers["Content-Type"].startswith("text/plain")
+        assert plain.body.decode() == body["detail"] + "\n" and plain.xcache == "MISS"
 
         await proxy.idle()
         clock.advance(7 * DAY)  # 1.2 is now older than min_age

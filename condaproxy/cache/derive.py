@@ -1,5 +1,8 @@
 """Derived units: a repodata variant upstream lacks, made from one it has, kept in step.
 
+Also the CEP-16 shard index (and its shards) of a channel whose upstream has none, built
+from its repodata (built.py).
+
 A derivation runs as the body of an ordinary download (same lock table entry, same readers,
 same persist step), so it happens once however many clients ask. A derived unit records the
 blob it was made from; when that source changes, the derived unit is made again.
@@ -21,13 +24,15 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+from condaproxy.cache.built import SHARD_SOURCES, ShardBuilder
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.cpu import CpuPool
 from condaproxy.cache.inflight import Download, Head
 from condaproxy.cache.persist import PersistQueue
+from condaproxy.cache.shardstore import SHARD_HEADERS
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import variants
-from condaproxy.conda.paths import Kind, UnitKey
+from condaproxy.conda.paths import SHARD_INDEX_NAME, Kind, UnitKey
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import CondaproxyError, Overloaded, UpstreamNotFound
 from condaproxy.metrics import Metrics
@@ -48,6 +53,18 @@ def _derived(unit: Unit) -> bool:
     from an upstream sending neither ETag nor Last-Modified looks derived, and is passed over.)
     """
     return unit.source is not None and unit.etag is None and unit.last_modified is None
+
+
+def derivation_sources(key: UnitKey) -> list[str]:
+    """What key may be made from, best first: a sibling variant, or for a shard index the repodata."""
+    if key.kind is Kind.SHARD_INDEX:
+        return list(SHARD_SOURCES)
+    return variants.sources(key.filename)
+
+
+def content_type(filename: str) -> str:
+    """The Content-Type of a made unit."""
+    return SHARD_HEADERS["Content-Type"] if filename == SHARD_INDEX_NAME else variants.content_type(filename)
 
 
 class Deriver:
@@ -71,6 +88,7 @@ class Deriver:
         self._cpu = cpu
         self._per_client = per_client
         self._metrics = metrics
+        self._built = ShardBuilder(catalog, persist, cpu)
         self.deriving: set[UnitKey] = set()
         self._by_client: Counter[str] = Counter()  # derivations running, by the address that asked
 
@@ -101,7 +119,7 @@ class Deriver:
     ) -> CondaproxyError | None:
         key = dl.key
         trouble: CondaproxyError | None = None  # the first source that failed other than by a 404
-        for name in variants.sources(key.filename):
+        for name in derivation_sources(key):
             src_key = UnitKey(key.channel, key.subdir, name, Kind.REPODATA)
             if src_key in self.deriving:
                 continue  # never wait on another derivation: two missing variants would deadlock
@@ -121,9 +139,12 @@ class Deriver:
             loop = asyncio.get_running_loop()
             try:
                 async with self._blob_file(source) as path:
-                    await self._cpu.run(
-                        variants.transcode, path, name, dl.temp_path, key.filename, refuse=True
-                    )
+                    if key.kind is Kind.SHARD_INDEX:
+                        await self._built.build(dl, source, path)
+                    else:
+                        await self._cpu.run(
+                            variants.transcode, path, name, dl.temp_path, key.filename, refuse=True
+                        )
                 size, sha = await self._cpu.run(hash_file, dl.temp_path)
             except Overloaded:
                 self._metrics.overloaded.labels("pool").inc()
@@ -132,7 +153,7 @@ class Deriver:
                 log.warning("cannot derive %s from %s: %s", key, name, exc)
                 await loop.run_in_executor(None, lambda: dl.temp_path.unlink(missing_ok=True))
                 continue
-            headers = {"Content-Type": variants.content_type(key.filename), "ETag": f'"{sha[:32]}"'}
+            headers = {"Content-Type": content_type(key.filename), "ETag": f'"{sha[:32]}"'}
             if "Last-Modified" in source.headers:
                 headers["Last-Modified"] = source.headers["Last-Modified"]
             dl.start_body(Head(headers, size))

@@ -21,7 +21,7 @@ from condaproxy.cache.adopt import Adopter
 from condaproxy.cache.backlog import Deferred
 from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.cpu import CpuPool
-from condaproxy.cache.derive import Deriver
+from condaproxy.cache.derive import Deriver, derivation_sources
 from condaproxy.cache.freshness import Verdict, verdict
 from condaproxy.cache.inflight import Download, Head, InflightTable
 from condaproxy.cache.integrity import ExpectedLookup
@@ -110,7 +110,7 @@ class Fetcher:
         client: the address of the client asking, whose derivations are bounded.
         adopt=False: never take it from the shared store (which just failed to serve it).
         """
-        derivable = derive and bool(variants.sources(key.filename))
+        derivable = derive and bool(derivation_sources(key))
         if (err := self.not_found.get(key)) is not None and cached is None and not derivable:
             raise err
         if (bad := self.cooldown.get(key)) is not None:

@@ -24,6 +24,7 @@ from condaproxy.cache.catalog.catalog import Catalog
 from condaproxy.cache.inflight import Download, Head
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.policies import PolicyBook
+from condaproxy.cache.shardstore import SHARD_HEADERS, keep_shard, shard_key
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import derived, variants
 from condaproxy.conda.decoding import open_decoded
@@ -42,7 +43,7 @@ Ensure = Callable[[UnitKey, ChannelConfig], Awaitable[Unit | None]]
 RELEASE = "X-Condaproxy-Release"  # when the next held record comes of age (Unix time)
 VIEW = "X-Condaproxy-View"
 SHARD_FETCHES = 8  # shards fetched and filtered at once while an index is made
-_MSGPACK_TYPES = {"Content-Type": "application/octet-stream"}
+_MSGPACK_TYPES = SHARD_HEADERS
 
 
 def release_of(unit: Unit) -> float | None:
@@ -270,10 +271,10 @@ class Filtered:
     ) -> str | None:
         """The sha256 of the package's shard as filtered (stored first); None when nothing is left."""
         sha = digest.hex() if isinstance(digest, bytes) else str(digest)
-        shard_key = UnitKey(key.channel, key.subdir, f"shards/{sha}.msgpack.zst", Kind.SHARD)
-        unit = await self._ensure(shard_key, channel)
+        old_key = shard_key(key.channel, key.subdir, sha)
+        unit = await self._ensure(old_key, channel)
         if unit is None:
-            raise LookupError(f"{shard_key} is not available")  # an index must never point nowhere
+            raise LookupError(f"{old_key} is not available")  # an index must never point nowhere
         loop = asyncio.get_running_loop()
         async with self._blob_file(unit) as path:
             shard = await loop.run_in_executor(None, unpack_zst_msgpack, path)
@@ -287,23 +288,15 @@ class Filtered:
         await loop.run_in_executor(None, out.write_bytes, data)
         try:
             size, new = await loop.run_in_executor(None, hash_file, out)
-            new_key = UnitKey(key.channel, key.subdir, f"shards/{new}.msgpack.zst", Kind.SHARD)
-            if await self._catalog.get(new_key) is None:
-                wall = time.time()
-                made = Unit(
-                    new_key,
-                    unit.upstream_url,
-                    new,
-                    new,
-                    size,
-                    dict(_MSGPACK_TYPES),
-                    None,
-                    None,
-                    wall,
-                    wall,
-                    source=unit.blob_key,
-                )
-                await self._persist.persist(made, out)
+            await keep_shard(
+                self._catalog,
+                self._persist,
+                shard_key(key.channel, key.subdir, new),
+                out,
+                size,
+                unit.upstream_url,
+                unit.blob_key,
+            )
         finally:
             await loop.run_in_executor(None, lambda: out.unlink(missing_ok=True))
         return new

@@ -1,9 +1,10 @@
 """Upstream metadata naming foreign bases, rewritten so clients come back to the proxy.
 
 Two cases, both part of a download: a repodata document is held back until its head shows
-whether `info.base_url` names another host (CEP-15), and a shard index naming an absolute
-`shards_base_url` or `base_url` (CEP-16) is rewritten whole. The pure transforms live in
-`conda.baseurl` and `conda.shards`; here they are driven and the bases recorded.
+whether `info.base_url` names another host (CEP-15; held whole when its head has no `info`),
+and a shard index naming an absolute `shards_base_url` or `base_url` (CEP-16) is rewritten
+whole. The pure transforms live in `conda.baseurl`, `conda.lateinfo` and `conda.shards`; here
+they are driven and the bases recorded.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from condaproxy.cache.inflight import Download, Head
 from condaproxy.cache.unit import Unit
 from condaproxy.conda import shards, variants
 from condaproxy.conda.baseurl import Sniffer, Verdict, rewrite
+from condaproxy.conda.lateinfo import rewrite_late
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.conda.urls import redacted_url, unit_url
 from condaproxy.config.model import ChannelConfig
@@ -33,6 +35,7 @@ class Holdback:
 
     def __init__(self, key: UnitKey, location: str, catalog: Catalog, cpu: CpuPool) -> None:
         self._key = key
+        self._location = location
         self._catalog = catalog
         self._cpu = cpu
         self._sniffer = Sniffer(key.filename, location)
@@ -67,7 +70,7 @@ class Holdback:
         verdict = await loop.run_in_executor(None, self._sniffer.feed, chunk or b"", chunk is None)
         if verdict is Verdict.PENDING:
             return True, body
-        if verdict is Verdict.FOREIGN:
+        if verdict in (Verdict.FOREIGN, Verdict.LATE):
             # Nobody reads it: the open file goes on growing under its raw name, and our copy
             # is written where readers will look.
             raw = body.with_name(body.name + ".raw")
@@ -81,9 +84,18 @@ class Holdback:
 
     async def prepare(self, unit: Unit, raw: Path, out: Path) -> Unit:
         """Write our copy of a held body to out, record the upstream base, and describe the copy."""
-        base = self._sniffer.base
-        assert base is not None, "prepare() is for documents naming a foreign base"
-        await self._cpu.run(rewrite, raw, out, unit.key.filename)
+        if self._sniffer.verdict is Verdict.LATE:
+            # info was not in the head: read it from the whole body, in bounded memory.
+            value, base = await self._cpu.run(rewrite_late, raw, out, unit.key.filename, self._location)
+            if base is None:
+                if value is not None:  # an info naming no foreign base: any mapping forgotten
+                    await self._catalog.set_package_base(unit.key.channel, unit.key.subdir, None)
+                await asyncio.get_running_loop().run_in_executor(None, os.replace, raw, out)
+                return unit  # the upstream's bytes, as they are
+        else:
+            base = self._sniffer.base
+            assert base is not None, "prepare() is for documents naming a foreign base"
+            await self._cpu.run(rewrite, raw, out, unit.key.filename)
         size, sha = await self._cpu.run(hash_file, out)
         # Recorded before any reader gets the copy: its clients ask for packages at once.
         await self._catalog.set_package_base(unit.key.channel, unit.key.subdir, base)

@@ -3,8 +3,9 @@
 A repodata document may say its packages live at `<base_url><filename>` (a CDN, another host).
 Passed through as it is, clients would fetch packages from there and bypass the proxy. So the
 head of every repodata body is read as it arrives (indexers write `info` first) before any byte
-goes out. A document whose `info` names a foreign base is held back whole and served as a copy
-whose base_url is "" (CEP-15: beside the repodata); the upstream base goes into the catalog and
+goes out (one whose head runs out before its `info` does is held back whole: lateinfo.py). A
+document whose `info` names a foreign base is held back whole and served as a copy whose
+base_url is "" (CEP-15: beside the repodata); the upstream base goes into the catalog and
 package requests are mapped back to it. Every other document streams on, unchanged.
 """
 
@@ -41,6 +42,7 @@ class Verdict(enum.Enum):
     PLAIN = "plain"  # info names no foreign base: served as it is, any mapping forgotten
     FOREIGN = "foreign"  # info names a foreign base: rewritten, the base recorded
     UNKNOWN = "unknown"  # no info in the head (or not JSON at all): served as it is, mapping kept
+    LATE = "late"  # an object whose info is not in the head: held back whole, read once in
 
 
 def foreign_base(location: str, value: str) -> str | None:
@@ -237,6 +239,8 @@ class Sniffer:
         head.feed(decoded, final and not full)
         if head.state is _Scan.INFO:
             return self._decide(self._judge(head.values[-1] if head.values else ""))
+        if head.state is _Scan.READING and full and not final:
+            return self._decide(Verdict.LATE)  # a rare document: info may still come (lateinfo.py)
         if head.state is _Scan.NONE or full or final:
             return self._decide(Verdict.UNKNOWN)
         return self.verdict

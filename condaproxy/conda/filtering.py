@@ -161,7 +161,7 @@ class _Out:
         self._size = 0
 
 
-def _events(stream: IO[bytes], max_events: int | None = None) -> Iterator[tuple[str, str, Any]]:
+def json_events(stream: IO[bytes], max_events: int | None = None) -> Iterator[tuple[str, str, Any]]:
     """ijson.parse's (prefix, event, value) events, within the bounds digest learning keeps.
 
     The prefixes are built here from ijson's basic events, never by ijson.parse: its C backend
@@ -192,7 +192,7 @@ def _events(stream: IO[bytes], max_events: int | None = None) -> Iterator[tuple[
         yield prefix, event, value
 
 
-def _build(events: Iterator[tuple[str, str, Any]]) -> Any:
+def build_value(events: Iterator[tuple[str, str, Any]]) -> Any:
     """The next value of the event stream, built whole (one record: small)."""
     builder = ijson.ObjectBuilder()
     depth = 0
@@ -212,16 +212,24 @@ def iter_records(reader: IO[bytes], max_events: int | None = None) -> Iterator[t
 
     RefusedDocument past the nesting, token or work (max_events) bounds.
     """
-    events = _events(reader, max_events)
+    events = json_events(reader, max_events)
     for prefix, event, value in events:
         if event == "map_key" and is_record_group(prefix):
-            record = _build(events)
+            record = build_value(events)
             if isinstance(record, dict):
                 yield value, record
 
 
-def filter_repodata(reader: IO[bytes], writer: IO[bytes], judge: Judgement) -> int:
-    """Copy a repodata document from reader to writer, each record as judge says; returns kept count."""
+def filter_repodata(
+    reader: IO[bytes],
+    writer: IO[bytes],
+    judge: Judgement,
+    info: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> int:
+    """Copy a repodata document from reader to writer, each record as judge says; returns kept count.
+
+    info, if given, makes the top-level `info` object written from the one read.
+    """
     out = _Out(writer)
     kept = 0
 
@@ -243,15 +251,19 @@ def filter_repodata(reader: IO[bytes], writer: IO[bytes], judge: Judgement) -> i
             out.value(served)
             kept += 1
 
-    events = _events(reader)
+    events = json_events(reader)
     for prefix, event, value in events:
         if event == "map_key" and is_record_group(prefix):
-            built = _build(events)
+            built = build_value(events)
             if isinstance(built, dict):
                 record(value, built)
             else:  # not a record after all: copied as it is
                 out.key(value)
                 out.value(built)
+        elif info is not None and event == "map_key" and prefix == "" and value == "info":
+            built = build_value(events)
+            out.key(value)
+            out.value(info(built) if isinstance(built, dict) else built)
         else:
             other(prefix, event, value)
     out.flush()

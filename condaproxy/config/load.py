@@ -40,7 +40,9 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "log": tuple(f.name for f in fields(LogConfig)),
     "admin": tuple(f.name for f in fields(AdminConfig)),
     "store": tuple(f.name for f in fields(StoreConfig)),
-    _CHANNEL_PREFIX: tuple(f.name for f in fields(ChannelConfig) if f.name not in ("name", "urls")),
+    _CHANNEL_PREFIX: tuple(
+        f.name for f in fields(ChannelConfig) if f.name not in ("name", "urls", "private_configured")
+    ),
 }
 
 
@@ -173,6 +175,13 @@ def _duration(s: Section, key: str, default: float) -> float:
         return parse_duration(raw)
     except ValueError as exc:
         raise s.error(key, str(exc)) from None
+
+
+def _notice_level(s: Section) -> str:
+    level = (s.get("notice_level") or "info").lower()
+    if level not in ("info", "warning", "critical"):
+        raise s.error("notice_level", f"expected info, warning or critical, got {level!r}")
+    return level
 
 
 def _cooldown(s: Section, inherited: UpstreamConfig | None) -> dict[str, object]:
@@ -321,6 +330,9 @@ def _channel(s: Section, name: str, upstream: UpstreamConfig, base: Path) -> Cha
         header=s.header("header"),
         alternate_source=s.existing_directory("alternate_source", base),
         private=private,
+        private_configured=s.get("private") is not None,
+        notice=s.get("notice"),
+        notice_level=_notice_level(s),
         trusted_origins=s.origins("trusted_origins"),
         **_cooldown(s, upstream),  # type: ignore[arg-type]
     )

@@ -122,6 +122,10 @@ class ChannelConfig:
     alternate_source: Path | None = None  # a local tree laid out like the channel (<subdir>/<file>)
     # Private: served only to clients whose own /t/<token>/ the upstream accepts for the channel.
     private: bool = False
+    notice: str | None = None  # a CEP-6 notice the admin wants this channel's users to see
+    notice_level: str = "info"  # info, warning or critical
+    # Whether the config says `private` at all (yes or no): if not, the proxy may learn it is.
+    private_configured: bool = False
     # Release cooldown: records younger than min_age seconds are kept from clients (0: none).
     min_age: float = 0.0
     min_age_exempt: tuple[str, ...] = ()  # package names or globs the cooldown spares

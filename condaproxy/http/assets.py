@@ -6,6 +6,8 @@ import hashlib
 
 from aiohttp import web
 
+from condaproxy.http.problem import error
+
 CSS = """
 :root { color-scheme: light dark; --muted: #777; --ok: #1a7f37; --bad: #cf222e; --warn: #9a6700; }
 body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 75rem; padding: 1rem 1.5rem; }
@@ -62,7 +64,7 @@ async def static(request: web.Request) -> web.Response:
     """GET /_static/<name>"""
     name = request.match_info["name"]
     if name not in _FILES:
-        return web.Response(status=404, text="no such file\n", headers={"X-Cache": "MISS"})
+        return error(request, 404, f"no such file: {name}")
     body, ctype = _FILES[name]
     headers = {"ETag": _ETAGS[name], "Cache-Control": "public, max-age=300", "X-Cache": "MISS"}
     if request.headers.get("If-None-Match") == _ETAGS[name]:

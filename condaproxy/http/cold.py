@@ -17,10 +17,12 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import UnitKey
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import CondaproxyError
-from condaproxy.http.responses import plan_for, text, unit_headers, without_body
+from condaproxy.http.problem import error, failed
+from condaproxy.http.responses import plan_for, unit_headers, without_body
 from condaproxy.http.services import Services
 
 _BUSY = "this client has too many downloads starting or running here; retry shortly"
+_BUSY_TYPE = "urn:condaproxy:problem:busy"
 
 
 def _client(request: web.Request) -> str:
@@ -40,12 +42,12 @@ def start(
     """Start key's download for this client, or the answer that refuses it (adopt: see Fetcher.start)."""
     client = _client(request)
     if not svc.cold.take(client):
-        return text(503, _BUSY)
+        return error(request, 503, _BUSY, key=key, type_=_BUSY_TYPE)
     try:
         dl = svc.fetcher.start(key, channel, cached, client=request.remote, adopt=adopt)
     except CondaproxyError as exc:
         svc.cold.give_back(client)
-        return text(exc.status, str(exc))
+        return failed(request, exc, key=key, channel=channel)
     assert dl.task is not None
     # The slot is the download's, not the request's: it runs on after a client leaves (rule 3).
     dl.task.add_done_callback(lambda _: svc.cold.give_back(client))
@@ -58,11 +60,11 @@ async def head(
     """A cold HEAD of a package or shard: the headers a GET would start with, no download."""
     client = _client(request)
     if not svc.cold.take(client):
-        return text(503, _BUSY)
+        return error(request, 503, _BUSY, key=key, type_=_BUSY_TYPE)
     try:
         found = await svc.fetcher.probe(key, channel)
     except CondaproxyError as exc:
-        return text(exc.status, str(exc))
+        return failed(request, exc, key=key, channel=channel)
     finally:
         svc.cold.give_back(client)
     headers = unit_headers(svc.config, key, found.headers, "MISS")

@@ -24,6 +24,7 @@ but costs a quarter of a millisecond per request at 256 descriptors, far more at
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import resource
@@ -34,15 +35,26 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from condaproxy.http.problem import error
+
 log = logging.getLogger(__name__)
 
 # What holds no descriptor beyond its connection's, and must answer even under pressure.
 EXEMPT_PATHS = frozenset({"/healthz", "/metrics"})
 
-_REFUSAL = b"the proxy is short of file descriptors; retry shortly\n"
+_REFUSAL_DETAIL = "the proxy is short of file descriptors; retry shortly"
+# Refused before the request is read: no Accept to look at, so problem+json (RFC 9457).
+_REFUSAL = json.dumps(
+    {
+        "type": "urn:condaproxy:problem:busy",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": _REFUSAL_DETAIL,
+    }
+).encode()
 _REFUSAL_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Type: application/problem+json\r\n"
     b"Content-Length: " + str(len(_REFUSAL)).encode() + b"\r\n"
     b"Retry-After: 1\r\nCache-Control: no-store\r\nX-Cache: MISS\r\nConnection: close\r\n\r\n" + _REFUSAL
 )
@@ -124,11 +136,7 @@ class FdReserve:
                 return await handler(request)
             sock = request.transport.get_extra_info("socket") if request.transport else None
             if sock is not None and self.in_use(sock.fileno()) >= self.work_line:
-                resp = web.Response(
-                    status=503,
-                    text=_REFUSAL.decode(),
-                    headers={"Retry-After": "1", "Cache-Control": "no-store", "X-Cache": "MISS"},
-                )
+                resp = error(request, 503, _REFUSAL_DETAIL, type_="urn:condaproxy:problem:busy")
                 resp.force_close()  # its descriptor is freed as soon as the answer is out
                 return resp
             self.requests += 1

@@ -11,6 +11,7 @@ from aiohttp import web
 from condaproxy.cache.freshness import Verdict, may_serve_stale, verdict
 from condaproxy.cache.inflight import Download, State
 from condaproxy.cache.unit import Unit
+from condaproxy.conda.notices import NOTICES_NAME
 from condaproxy.conda.paths import Rejection, UnitKey, parse_path
 from condaproxy.config.model import ChannelConfig
 from condaproxy.errors import (
@@ -19,10 +20,10 @@ from condaproxy.errors import (
     UpstreamError,
     UpstreamNotFound,
 )
-from condaproxy.http import cold
+from condaproxy.http import cold, notices
 from condaproxy.http.hits import serve_unit
 from condaproxy.http.live import stream
-from condaproxy.http.responses import text
+from condaproxy.http.problem import error, failed
 from condaproxy.http.services import SERVICES, Services
 from condaproxy.http.views import route
 from condaproxy.upstream.admission import Refused
@@ -35,25 +36,64 @@ async def handle(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     parsed = parse_path(request.raw_path)
     if isinstance(parsed, Rejection):
-        return text(parsed.status, parsed.reason)
+        return error(request, parsed.status, parsed.reason)
     key = parsed.key
     channel = svc.config.channel(key.channel)
     if channel is None:
-        return text(404, f"channel {key.channel!r} is not served by this proxy")
+        detail = f"channel {key.channel!r} is not served by this proxy; check the name or the proxy's config"
+        return error(request, 404, detail, key=key, type_="urn:condaproxy:problem:unknown-channel")
+    if svc.private is not None:
+        channel = svc.private.effective(channel)
+    configured = channel
     try:
         # Before any cache look-up: a private channel's bytes go only to a token its upstream accepts.
         channel = await svc.auth.admit(channel, parsed.token, request.remote)
     except Refused as exc:
-        retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-        return text(exc.status, exc.reason, headers=retry)
+        return _refused(request, exc, key)
+    if key.subdir == "" and key.filename == NOTICES_NAME and parsed.when is None:
+        return await notices.serve(request, svc, key, channel)
     try:
         # Policies and views: a refusal, a kept revision, or the document made in this one's stead.
         routed = await route(request, svc, parsed, channel)
         if not isinstance(routed, UnitKey):
             return routed
         return await _serve(request, svc, routed, channel)
-    except CatalogBusy:
-        return text(503, "catalog busy, retry shortly", headers={"Retry-After": "1"})
+    except CatalogBusy as exc:
+        return failed(request, exc, key=key)
+    except _TokenNeeded as needed:
+        return await _learn(request, svc, configured, parsed.token, needed)
+
+
+def _refused(request: web.Request, exc: Refused, key: UnitKey) -> web.Response:
+    retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return error(
+        request, exc.status, exc.reason, key=key, type_="urn:condaproxy:problem:token", headers=retry
+    )
+
+
+class _TokenNeeded(Exception):
+    """The upstream of a channel not known to be private refused us without a token."""
+
+    def __init__(self, key: UnitKey, error: UpstreamError) -> None:
+        super().__init__(str(error))
+        self.key = key
+        self.error = error
+
+
+async def _learn(
+    request: web.Request, svc: Services, channel: ChannelConfig, token: str | None, needed: _TokenNeeded
+) -> web.StreamResponse:
+    """Learn the channel is private if the upstream accepts this client's token; then serve it."""
+    if token is None or svc.private is None:
+        return failed(request, needed.error, key=needed.key, channel=channel)
+    try:
+        accepted = await svc.auth.accepts(channel, token, request.remote)
+    except Refused as exc:
+        return _refused(request, exc, needed.key)
+    if not accepted:
+        return failed(request, needed.error, key=needed.key, channel=channel)
+    await svc.private.learn(channel)
+    return await handle(request)  # now private: admitted with this token, fetched with it
 
 
 async def _serve(
@@ -131,10 +171,16 @@ async def _follow(
                 assert unit is not None
                 served = await serve_unit(request, svc, unit, "STALE", channel)
                 if served is not None:
+                    svc.troubles.served_stale(channel.name, exc.reason, now)
                     return served
-            return text(exc.status, exc.reason)
+            if svc.private is not None and svc.private.may_learn(channel, exc):
+                raise _TokenNeeded(dl.key, exc) from None
+            stale = None
+            if unit is not None and not isinstance(exc, UpstreamNotFound):
+                stale = f"the cached {dl.key.filename} is older than max_stale and is not served"
+            return failed(request, exc, key=dl.key, channel=channel, stale=stale)
         except CondaproxyError as exc:
-            return text(exc.status, str(exc))
+            return failed(request, exc, key=dl.key, channel=channel)
         if state is State.NOT_MODIFIED:
             fresh = await svc.catalog.get(dl.key)
             if fresh is not None:
@@ -144,12 +190,13 @@ async def _follow(
                 if served is not None:
                     return served
             if not (fall_back and svc.store.shared) or svc.inflight.get(dl.key) is not None:
-                return text(502, "cached copy vanished during revalidation")
+                detail = "the cached copy vanished during its revalidation; retry"
+                return error(request, 502, detail, key=dl.key)
             # The shared store could not serve what it holds (S3 down or slow): fetch it whole.
             try:
                 again = svc.fetcher.start(dl.key, channel, None, client=request.remote, adopt=False)
             except CondaproxyError as exc:
-                return text(exc.status, str(exc))
+                return failed(request, exc, key=dl.key, channel=channel)
             return await _follow(
                 request, svc, channel, again, "MISS", None, now, look_up=False, fall_back=False
             )

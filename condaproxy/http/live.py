@@ -18,7 +18,8 @@ from condaproxy.cache.inflight import Download
 from condaproxy.conda import variants
 from condaproxy.errors import CondaproxyError
 from condaproxy.http import sending
-from condaproxy.http.responses import abort, plan_for, text, unit_headers, without_body
+from condaproxy.http.problem import failed
+from condaproxy.http.responses import abort, plan_for, unit_headers, without_body
 from condaproxy.http.services import Services
 from condaproxy.store.files import open_fd, opened
 
@@ -44,7 +45,7 @@ async def stream(request: web.Request, svc: Services, dl: Download, xcache: str)
         try:
             await dl.wait_verified()
         except CondaproxyError as exc:
-            return text(exc.status, str(exc))
+            return failed(request, exc, key=dl.key)
     resp = web.StreamResponse(status=plan.status, headers={**headers, **plan.headers})
     if end is not None:
         resp.content_length = end - plan.offset

@@ -1,4 +1,4 @@
-"""Answers the proxy writes itself: short errors, and the headers every unit response carries."""
+"""The headers every unit response carries, and answers without a body (errors: problem.py)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,6 @@ from condaproxy.cache.unit import kept_headers
 from condaproxy.conda.paths import UnitKey
 from condaproxy.config.model import Config
 from condaproxy.http import ranges
-
-
-def text(
-    status: int, reason: str, xcache: str = "MISS", headers: dict[str, str] | None = None
-) -> web.Response:
-    """A short plain-text answer (errors, rejections); a 503 always says when to retry."""
-    retry = {"Retry-After": "1"} if status == 503 else {}
-    return web.Response(
-        status=status,
-        text=reason + "\n",
-        headers={"X-Cache": xcache, "Cache-Control": "no-store", **retry, **(headers or {})},
-    )
 
 
 def abort(request: web.BaseRequest) -> None:

@@ -12,6 +12,8 @@ from condaproxy.cache.download import Fetcher
 from condaproxy.cache.inflight import InflightTable
 from condaproxy.cache.persist import PersistQueue
 from condaproxy.cache.policies import Clock, PolicyBook
+from condaproxy.cache.private import LearnedPrivate
+from condaproxy.cache.troubles import Troubles
 from condaproxy.config.model import Config
 from condaproxy.http.budget import ColdFetches
 from condaproxy.http.hot import HotBlobs
@@ -38,6 +40,8 @@ class Services:
     policies: PolicyBook
     clock: Clock = field(default=time.time)
     hot: HotBlobs = field(default_factory=HotBlobs)  # small blobs served from memory
+    private: LearnedPrivate | None = None  # channels learned to be private (None: never learned)
+    troubles: Troubles = field(default_factory=Troubles)  # for the notices (CEP-6)
 
 
 SERVICES = web.AppKey("services", Services)

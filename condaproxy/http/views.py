@@ -17,7 +17,7 @@ from condaproxy.conda.paths import Kind, Request, UnitKey
 from condaproxy.conda.policy import Verdict
 from condaproxy.config.model import ChannelConfig
 from condaproxy.http.hits import serve_unit
-from condaproxy.http.problem import refused
+from condaproxy.http.problem import negotiated, refused
 from condaproxy.http.services import Services
 
 
@@ -33,7 +33,7 @@ async def route(
         decision = await guard.check(svc.catalog, svc.fetcher.expected, key, channel, policy, now)
         if decision.verdict is not Verdict.KEEP:
             book.refused(key.channel, decision.rule or decision.verdict.value)
-            return refused(key, decision, policy.min_age, now)
+            return negotiated(request, refused(key, decision, policy.min_age, now))
         return key
     if key.filename not in derived.TRACKED:
         return key

@@ -75,13 +75,15 @@ class ClientAuth:
             return channel  # public: one cache whatever token a client adds, none forwarded
         if token is None:
             raise Refused(401, f"channel {channel.name!r} is private: use /t/<token>/{channel.name}/")
-        ident = self._ident(channel, token)
-        accepted = self._verdicts.get(ident)
-        if accepted is None:
-            accepted = await self._probe(channel, token, ident, client)
-        if not accepted:
+        if not await self.accepts(channel, token, client):
             raise Refused(403, f"the upstream does not accept this token for {channel.name!r}")
         return replace(channel, token=token)
+
+    async def accepts(self, channel: ChannelConfig, token: str, client: str | None) -> bool:
+        """Whether the upstream accepts token for channel (asked once per auth_ttl); raises Refused."""
+        ident = self._ident(channel, token)
+        accepted = self._verdicts.get(ident)
+        return accepted if accepted is not None else await self._probe(channel, token, ident, client)
 
     async def _probe(
         self, channel: ChannelConfig, token: str, ident: tuple[str, bytes], client: str | None

@@ -32,6 +32,11 @@ class MirrorMemory:
             return channel.urls
         return (last, *(u for u in channel.urls if u != last))
 
+    def failed_over(self, channel: ChannelConfig) -> str | None:
+        """The mirror a channel is served from for now, when it is not its first (preferred) one."""
+        last = self._last.get(channel.name)
+        return last if last is not None and last in channel.urls and last != channel.urls[0] else None
+
     def remember(self, channel: ChannelConfig, base: str) -> None:
         """Record that base answered (with anything but a connect error, timeout or 5xx)."""
         if len(channel.urls) > 1:

@@ -321,16 +321,16 @@ def test_sniffer_verdicts() -> None:
     assert verdict(b"<html>not found</html>") is Verdict.UNKNOWN
     assert verdict(b"\x28\xb5\x2f\xfd garbage", "repodata.json.zst", encode=False) is Verdict.UNKNOWN
     assert verdict(b"BZh9 garbage", "repodata.json.bz2", encode=False) is Verdict.UNKNOWN
-    # info at the end of a document bigger than the head: served as it is, the mapping left alone.
+    # info not in the head of a document bigger than it: held back whole, read once in (lateinfo).
     late = json.dumps(
         {"packages": {f"p{i}": "x" * 100 for i in range(5000)}, "info": {"base_url": "https://c/"}}
     )
-    assert verdict(late.encode()) is Verdict.UNKNOWN
+    assert verdict(late.encode()) is Verdict.LATE
     # A decompression bomb: the head stops at HEAD_LIMIT, whatever the body inflates to.
     bomb = zstandard.ZstdCompressor().compress(b'{"info": {"subdir": "' + b"a" * (64 << 20))
     tracemalloc.start()
     try:
-        assert verdict(bomb, "repodata.json.zst", encode=False) is Verdict.UNKNOWN
+        assert verdict(bomb, "repodata.json.zst", encode=False) is Verdict.LATE
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -541,3 +541,81 @@ async def test_a_trusted_shard_host_gets_no_byte_out_unverified(
         check_invariants(proxy.config.cache.directory)
     finally:
         await proxy.close()
+
+
+# -- info past the head (CEP-15 anywhere in the document) -------------------------------------------
+
+
+def _late_doc(root: Path, base: str) -> bytes:
+    """The linux-64 repodata with info moved to the end, past a head's worth of other keys."""
+    doc = upstream_doc(root)
+    info = doc.pop("info")
+    info["base_url"] = base
+    doc["x-padding"] = ["p" * 100] * 4000  # an unknown key, kept as it is
+    doc["info"] = info
+    return json.dumps(doc).encode()
+
+
+@pytest.fixture
+async def late_cdn(cdn: FakeUpstream, tmp_path: Path) -> FakeUpstream:
+    root = tmp_path / "basechan"
+    raw = _late_doc(root, f"{cdn.url}/pkgs/linux-64/")
+    (root / "linux-64" / "repodata.json").write_bytes(raw)
+    (root / "linux-64" / "repodata.json.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    return cdn
+
+
+async def test_a_late_info_base_url_is_rewritten_in_every_encoding(
+    proxy_factory, upstream: FakeUpstream, late_cdn: FakeUpstream, tmp_path: Path, channel: Channel
+) -> None:
+    proxy = await proxy_factory(trusted=trusting(late_cdn))
+    want = upstream_doc(tmp_path / "basechan")
+    want["info"]["base_url"] = ""
+    for name in ("repodata.json", "repodata.json.zst", "repodata.json.bz2"):
+        resp = await proxy.get(f"{CH}/linux-64/{name}")
+        assert resp.status == 200, (name, resp.body)
+        assert decode(name, resp.body) == want, name
+    assert (
+        await proxy.services.catalog.package_base("basechan", "linux-64") == f"{late_cdn.url}/pkgs/linux-64/"
+    )
+    names = await solve_and_install(f"{proxy.url}{CH}", tmp_path / "env", tmp_path / "client", sharded=False)
+    assert any(n.startswith("cp-extra-") for n in names)
+    assert late_cdn.requests, "packages were fetched from the base, through the proxy"
+    await settle(proxy)
+    check_invariants(proxy.config.cache.directory)
+
+
+async def test_a_late_plain_info_leaves_the_bytes_alone(
+    proxy: Proxy, upstream: FakeUpstream, channel: Channel, tmp_path: Path
+) -> None:
+    root = channel.shardless_copy(tmp_path / "latechan")
+    raw = _late_doc(root, "")
+    (root / "linux-64" / "repodata.json").write_bytes(raw)
+    upstream.mount("latechan", root)
+    resp = await proxy.get("/latechan/linux-64/repodata.json")
+    assert resp.status == 200 and resp.body == raw
+    assert resp.headers["ETag"] == upstream_etag(root / "linux-64" / "repodata.json")
+
+
+def test_late_rewrite_streams_in_bounded_memory(tmp_path: Path) -> None:
+    from condaproxy.conda.lateinfo import rewrite_late
+
+    records = {f"p-{i}-0.conda": {"name": "p", "version": str(i), "sha256": "ab" * 32} for i in range(60000)}
+    doc = {
+        "packages.conda": records,
+        "v3": {"whl": {"q-1-0.whl": {"name": "q"}}},
+        "info": {"base_url": "https://c/x/"},
+    }
+    src = tmp_path / "repodata.json.zst"
+    src.write_bytes(zstandard.ZstdCompressor().compress(json.dumps(doc).encode()))
+    dst = tmp_path / "out.zst"
+    tracemalloc.start()
+    try:
+        value, base = rewrite_late(src, dst, "repodata.json.zst", "http://up/chan/linux-64/repodata.json")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (value, base) == ("https://c/x/", "https://c/x/")
+    assert peak < 16 << 20, f"the rewrite held {peak >> 20} MiB"
+    got = decode("repodata.json.zst", dst.read_bytes())
+    assert got == {**doc, "info": {"base_url": ""}}

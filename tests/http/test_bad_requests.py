@@ -99,6 +99,6 @@ async def test_unlisted_channel_refused_when_not_allowed(upstream: FakeUpstream,
 
 
 async def test_rejection_reason_is_one_line(proxy: Proxy) -> None:
-    resp = await proxy.get("/testchan/noarch/repodata.json%3Bx")
+    resp = await proxy.get("/testchan/noarch/repodata.json%3Bx", headers={"Accept": "text/plain"})
     assert resp.status == 400
     assert resp.body.decode().count("\n") == 1

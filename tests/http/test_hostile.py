@@ -117,7 +117,7 @@ async def test_hostile_paths_touch_no_file_outside_the_store(upstream: FakeUpstr
 async def test_more_hostile_paths_are_refused_in_process(
     proxy: Proxy, upstream: FakeUpstream, target: str
 ) -> None:
-    answer = await raw_exchange(proxy.url, request(target, "Connection: close"))
+    answer = await raw_exchange(proxy.url, request(target, "Connection: close", "Accept: text/plain"))
     assert answer.status in (400, 404) and answer.headers["x-cache"] == "MISS"
     assert answer.body.count(b"\n") == 1  # a one-line reason
     assert upstream.requests == []

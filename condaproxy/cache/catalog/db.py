@@ -24,7 +24,7 @@ from condaproxy.cache.unit import Unit
 from condaproxy.conda.paths import Kind, UnitKey
 from condaproxy.errors import CatalogBusy
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 5000
 # Rows kept in memory for hot look-ups. A row costs ~2 KB (its headers): 10,000 bound the
 # cache to ~20 MB, where 50,000 let a 10-minute soak over thousands of channels grow by 89 MB.
@@ -126,6 +126,10 @@ CREATE TABLE IF NOT EXISTS ledger_subdirs (
     since REAL NOT NULL,
     PRIMARY KEY (channel, subdir)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS private_channels (
+    channel TEXT PRIMARY KEY,
+    since REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS revisions (
     channel TEXT NOT NULL,
     subdir TEXT NOT NULL,
@@ -152,6 +156,8 @@ _MIGRATIONS = {
     4: "SELECT 1;",
     # Documents a reader refused (nesting, work, size or object bounds): read and refused once.
     5: _REFUSED,
+    # Channels learned to be private: created by the schema script.
+    6: "SELECT 1;",
 }
 
 

@@ -58,6 +58,17 @@ class LearnedRows(CatalogDB):
         """The upstream base URL of a subdir's packages, when its repodata names a foreign one."""
         return await self._base("package_bases", channel, subdir)
 
+    async def learned_private(self) -> set[str]:
+        """Channels learned to be private (their upstream refused us without a client's token)."""
+        return {row["channel"] for row in await self._read("SELECT channel FROM private_channels", ())}
+
+    async def set_learned_private(self, channel: str, since: float) -> None:
+        """Remember that a channel is private, across restarts."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT OR IGNORE INTO private_channels (channel, since) VALUES (?, ?)", (channel, since)
+            )
+
     async def forget_unowned(self) -> bool:
         """Drop digests and bases learned for subdirs with no metadata cached; True if some went.
 
