@@ -165,30 +165,30 @@ async def _patterns(request: web.Request) -> list[str] | web.Response:
     return [str(p) for p in packages]
 
 
-@_admin
-async def pin(request: web.Request) -> web.Response:
-    """{"packages": [...]}: never evict these (file names, globs or package names); kept across restarts."""
+async def _change_pins(request: web.Request, *, add: bool) -> web.Response:
+    """Add or remove the run-time pins a {"packages": [...]} body names."""
     patterns = await _patterns(request)
     if isinstance(patterns, web.Response):
         return patterns
+    pins = request.app[OPERATIONS].pins
     try:
-        added, _ = await request.app[OPERATIONS].pins.change(add=patterns)
+        added, removed = await (pins.change(add=patterns) if add else pins.change(remove=patterns))
     except ValueError as exc:
         return problem(400, str(exc))
-    return _ok({"pinned": added, "pins": request.app[OPERATIONS].pins.patterns})
+    changed = {"pinned": added} if add else {"unpinned": removed}
+    return _ok({**changed, "pins": pins.patterns})
+
+
+@_admin
+async def pin(request: web.Request) -> web.Response:
+    """{"packages": [...]}: never evict these (file names, globs or package names); kept across restarts."""
+    return await _change_pins(request, add=True)
 
 
 @_admin
 async def unpin(request: web.Request) -> web.Response:
     """{"packages": [...]}: remove pins set at run time."""
-    patterns = await _patterns(request)
-    if isinstance(patterns, web.Response):
-        return patterns
-    try:
-        _, removed = await request.app[OPERATIONS].pins.change(remove=patterns)
-    except ValueError as exc:
-        return problem(400, str(exc))
-    return _ok({"unpinned": removed, "pins": request.app[OPERATIONS].pins.patterns})
+    return await _change_pins(request, add=False)
 
 
 @_admin
