@@ -162,7 +162,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     hangup = False
     if config.source is not None:
-        # SIGHUP re-reads the file's policies (rules, cooldowns); nothing cached is dropped.
+        # SIGHUP re-reads the file's policies (rules, cooldowns); nothing cached is dropped. A
+        # loop that cannot take signal handlers (not the main thread, as in in-process tests)
+        # keeps the other way a rule change is noticed: the file's mtime, at revalidation.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, book.reload)
             hangup = True
