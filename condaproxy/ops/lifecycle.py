@@ -126,6 +126,8 @@ class ServiceManager:
                 await loop.run_in_executor(None, self._log_files.reopen)
             if self._source is not None:
                 await self._reload_config(self._source)
+                # The policies' own SIGHUP handler is replaced by this one: asyncio keeps one.
+                self._app[SERVICES].policies.reload()
         except Exception as exc:  # a reload must never take the proxy down
             log.error("reload failed: %s", exc)
         finally:
